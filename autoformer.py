@@ -3,12 +3,27 @@
 `extract(supernet, subnet)` copies the subnet's slices out of the supernet into an `AutoFormer`
 made of ordinary nn.Linear / nn.LayerNorm layers, with the qkv rows regrouped into the usual
 [q; k; v] order. Its logits equal the supernet's for that subnet.
+
+The command line is the entry point for one searched model (NAME: autoformer-t/s/b or a JSON file):
+    python autoformer.py info --subnet out/search/best.json       # params, MACs, the layers
+    python autoformer.py evaluate --checkpoint out/ckpt.pt --subnet out/search/best.json
+    python autoformer.py export --checkpoint out/ckpt.pt --subnet out/search/best.json --out model.pt
+and `load_exported("model.pt")` gives the exported model back.
 """
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
+import data
 from kernels import relative_attention
-from supernet import RelativePosition2D, check_images
+from supernet import (PUBLISHED, SPACES, CheckpointError, RelativePosition2D, Subnet, Supernet, check_images,
+                      count_flops, count_params, load_checkpoint, space_of)
 
 
 class Block(nn.Module):
@@ -91,3 +106,130 @@ def extract(supernet, subnet):
         take(mine.weight, theirs.weight, *mine.weight.shape)
         take(mine.bias, theirs.bias, *mine.bias.shape)
     return model.train(supernet.training)
+
+
+@torch.inference_mode()
+def evaluate(model, data, subnet=None, dtype=None, batch_size=1000):
+    """Top-1 accuracy in percent (and top-5 with >= 100 classes) of a Supernet running `subnet`, or
+    of a standalone AutoFormer, on `data`: a DataLoader of (images, labels) batches, or one
+    (images, labels) pair of tensors already decoded and normalised, cut here into `batch_size`
+    chunks. search.py scores ~1000 subnets on the same held-out images: decoding them once and
+    feeding large chunks is what makes that cheap. `dtype` (torch.bfloat16 / float16) autocasts.
+    Returns {"top1": %, "images": n} plus "top5": % when the space has >= 100 classes.
+    """
+    if isinstance(model, Supernet) and subnet is None:
+        raise ValueError("evaluate: a Supernet needs the subnet to run")
+    if isinstance(model, AutoFormer) and subnet not in (None, model.subnet):
+        raise ValueError("evaluate: this AutoFormer is one fixed subnet; pass subnet=None")
+    if isinstance(data, (tuple, list)) and torch.is_tensor(data[0]):  # one (images, labels) pair
+        data = zip(data[0].split(batch_size), data[1].split(batch_size))
+    was_training, device = model.training, model.pos_embed.device
+    k = 5 if model.space.num_classes >= 100 else 1
+    hits, n = torch.zeros(k, dtype=torch.long, device=device), 0
+    model.eval()
+    for images, labels in data:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images, subnet) if subnet is not None else model(images)
+        found = (logits.topk(k, dim=-1).indices == labels[:, None]).cumsum(-1).clamp(max=1)  # (B, k)
+        hits += found.sum(0)  # hits[j]: labels within the top j+1; stays on the device, no sync
+        n += len(labels)
+    model.train(was_training)
+    result = {"top1": 100.0 * hits[0].item() / max(n, 1), "images": n}
+    if k == 5:
+        result["top5"] = 100.0 * hits[4].item() / max(n, 1)
+    return result
+
+
+# ----------------------------------------------------------------------------- one searched model
+
+
+def load_split(checkpoint, path, split, root=None):
+    """The "minival" or "val" split of the data set a train.py checkpoint records, decoded once
+    into one (images, labels) pair of tensors. `root` overrides the recorded data folder."""
+    record = checkpoint.get("data")
+    if not isinstance(record, dict) or "minival" not in record:
+        raise CheckpointError(f"{path}: records no data set and held-out split: not written by train.py?")
+    dataset = data.load_dataset(root or record["root"], verify=False)  # decode only what is used
+    loaders = data.build_loaders(dataset, record["img_size"], 500, minival_indices=record["minival"]["indices"],
+                                 rank=0, world_size=1)
+    images, labels = zip(*getattr(loaders, split))
+    return torch.cat(images), torch.cat(labels)
+
+
+def export(supernet, subnet, path):
+    """Save `subnet` as a standalone AutoFormer: its weights, its subnet and its space."""
+    model = extract(supernet, subnet)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "space": dataclasses.asdict(supernet.space),
+                "subnet": json.loads(subnet.to_json())}, tmp)
+    os.replace(tmp, path)
+
+
+def load_exported(path):
+    """The AutoFormer that `export` saved, ready to run: `model = load_exported("model.pt")`."""
+    saved = load_checkpoint(path)
+    if "subnet" not in saved:
+        raise CheckpointError(f"{path}: not an exported AutoFormer (no 'subnet'): a supernet checkpoint?")
+    model = AutoFormer(space_of(saved, path), Subnet(**saved["subnet"]))
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def read_subnet(text):
+    """(space name or None, Subnet) from a published name (autoformer-t/s/b) or a Subnet JSON file."""
+    if text.lower() in PUBLISHED:
+        return PUBLISHED[text.lower()]
+    if not Path(text).is_file():
+        raise ValueError(f"--subnet {text}: neither a file nor one of {', '.join(PUBLISHED)}")
+    try:
+        return None, Subnet.from_json(Path(text).read_text())
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{text}: {e}") from None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="parameters, MACs and the layers of a subnet")
+    info.add_argument("--space", choices=SPACES, help="its space (default: the published model's, else cpu)")
+    for name, text in (("evaluate", "top-1 on the val split with weights inherited from the supernet"),
+                       ("export", "save the subnet as a standalone model (load it with load_exported)")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--checkpoint", default="out/ckpt.pt", help="supernet checkpoint (default: %(default)s)")
+    commands.choices["evaluate"].add_argument("--data", help="data folder, if it moved since training")
+    commands.choices["export"].add_argument("--out", required=True, help="file to write, e.g. model.pt")
+    for command in commands.choices.values():
+        command.add_argument("--subnet", required=True, help="autoformer-t/s/b or a Subnet JSON file (best.json)")
+    args = p.parse_args(argv)
+    try:
+        published_space, subnet = read_subnet(args.subnet)
+        if args.command == "info":
+            space = SPACES[args.space or published_space or "cpu"]
+            space.validate(subnet)
+            print(f"{args.subnet}: {count_params(space, subnet) / 1e6:.3f} M parameters, "
+                  f"{count_flops(space, subnet) / 1e6:.1f} M MACs per {space.img_size} px image, "
+                  f"embed dim {subnet.embed_dim}, depth {subnet.depth}")
+            print("layer  heads  mlp ratio  hidden")
+            for i, (heads, ratio, hidden) in enumerate(zip(subnet.num_heads, subnet.mlp_ratios, subnet.hidden_dims())):
+                print(f"{i:5d}  {heads:5d}  {ratio:9g}  {hidden:6d}")
+            return
+        checkpoint = load_checkpoint(args.checkpoint)
+        supernet = Supernet(space_of(checkpoint, args.checkpoint)).load_weights(checkpoint["model"], args.checkpoint)
+        supernet.space.validate(subnet)
+        if args.command == "export":
+            export(supernet, subnet, args.out)
+            print(f"wrote {args.out}: {count_params(supernet.space, subnet) / 1e6:.3g} M parameters; "
+                  f"load it with autoformer.load_exported({str(args.out)!r})")
+        else:
+            result = evaluate(supernet, load_split(checkpoint, args.checkpoint, "val", args.data), subnet)
+            print(f"{args.subnet}: val top-1 {result['top1']:.2f}% on {result['images']} images"
+                  + (f", top-5 {result['top5']:.2f}%" if "top5" in result else ""))
+    except (ValueError, OSError) as e:  # CheckpointError, DataError, a subnet outside the space
+        print(f"autoformer.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""
+Benchmark the AutoFormer supernet on this machine, optionally side by side with the official code.
+
+Sections (pick with --only, comma separated):
+  matmul  this machine's matmul peak: a large square matmul in fp32 and in bf16, median of repeats
+  train   one supernet training step (forward, cross-entropy backward, AdamW step) with a freshly
+          sampled subnet each step, in images/s and as model FLOP utilisation (MFU) against the
+          matmul peak of the same dtype, re-measured between the repeats; tiny space at 224 px batch 8 and at 32 px / patch 4 batch 64,
+          each in fp32 and under torch.autocast("cpu", dtype=torch.bfloat16)
+  memory  peak memory of one fp32 training step of the largest tiny subnet at 224 px, batch 8
+
+Every variant, and the official model, runs the same sequence of subnets on the same batch.
+Results are printed as a table and written atomically as JSON to --out (default out/bench.json).
+
+Comparing with the official implementation (its code is never part of this repository):
+  git clone https://github.com/microsoft/Cream /tmp/Cream      # or any checkout of it
+  python bench.py --official /tmp/Cream/AutoFormer
+The official model imports torch._six, which torch 2 removed; bench.py stands in for it (see
+import_official). The model needs nothing from timm, so the checkout needs no preparation.
+
+  python bench.py                                   # everything, project only
+  python bench.py --only train --steps 4 --repeats 2
+"""
+import argparse
+import collections.abc
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from supernet import SPACES, SearchSpace, Subnet, Supernet, count_flops
+
+SECTIONS = ("matmul", "train", "memory")
+TARGETS = {  # project / official ratios the project aims for (>= for images/s, <= for memory)
+    "224px_b8_fp32": 2.5, "224px_b8_bf16": 4.0, "32px_b64_fp32": 1.3, "32px_b64_bf16": 1.3,
+    "memory": 0.6,
+}
+
+
+@dataclass
+class BenchConfig:
+    steps: int = field(default=6, metadata={"help": "timed training steps per repeat, one fresh subnet each"})
+    repeats: int = field(default=3, metadata={"help": "timed repeats of the subnet sequence; reports the median"})
+    warmup: int = field(default=2, metadata={"help": "untimed steps first (allocations, oneDNN primitive caches)"})
+    seed: int = field(default=0, metadata={"help": "seeds the subnet sequence, the batch and the weights"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads; 0 keeps torch's default"})
+    matmul_n: int = field(default=2048, metadata={"help": "side of the square matmul for the peak"})
+    official: str = field(default="", metadata={"help": "the official AutoFormer folder (see above); empty: project only"})
+    out: str = field(default="out/bench.json", metadata={"help": "JSON results, written atomically"})
+    only: str = field(default=",".join(SECTIONS), metadata={"help": "comma-separated sections to run"})
+
+
+@dataclass(frozen=True)
+class TrainCase:
+    img_size: int
+    patch_size: int
+    batch: int
+    bf16: bool
+
+    @property
+    def name(self):
+        return f"{self.img_size}px_b{self.batch}_{'bf16' if self.bf16 else 'fp32'}"
+
+
+TRAIN_CASES = [TrainCase(224, 16, 8, False), TrainCase(224, 16, 8, True),
+               TrainCase(32, 4, 64, False), TrainCase(32, 4, 64, True)]
+MEMORY_CASE = TrainCase(224, 16, 8, False)
+
+
+@dataclass
+class Impl:
+    """A supernet implementation: how to build it for a space and run it on one subnet."""
+    name: str
+    build: Callable[[SearchSpace], torch.nn.Module]
+    forward: Callable[[torch.nn.Module, torch.Tensor, Subnet], torch.Tensor]
+
+
+def project_impl():
+    return Impl("project", lambda space: Supernet(space, drop_path=0.0), lambda model, x, subnet: model(x, subnet))
+
+
+def import_official(root):
+    """Import Vision_TransformerSuper from an official AutoFormer folder, standing in for torch._six."""
+    six = types.ModuleType("torch._six")  # what the official code (model/utils.py) takes from it
+    six.container_abcs, six.string_classes, six.int_classes, six.inf = collections.abc, str, int, math.inf
+    sys.modules.setdefault("torch._six", six)
+    sys.path.insert(0, os.path.abspath(root))
+    from model.supernet_transformer import Vision_TransformerSuper
+    return Vision_TransformerSuper
+
+
+def official_impl(root):
+    vit_super = import_official(root)
+
+    def build(space):
+        assert space.head_dim == 64, "the official attention hard-codes 64 channels per head"
+        # as supernet_train.py builds it (flags --gp --change_qkv --relative_position); for the tiny
+        # space, supernet-T.yaml's super sizes: embed 256 (= 4 heads x 64), depth 14, 4 heads, ratio 4
+        return vit_super(img_size=space.img_size, patch_size=space.patch_size, in_chans=space.in_chans,
+                         num_classes=space.num_classes, embed_dim=space.super_embed_dim, depth=space.super_depth,
+                         num_heads=max(space.num_heads), mlp_ratio=space.super_mlp_ratio, qkv_bias=True,
+                         drop_path_rate=0.0, gp=True, relative_position=True, change_qkv=True,
+                         max_relative_position=space.max_relative_position)
+
+    def forward(model, x, subnet):
+        model.set_sample_config({"embed_dim": [subnet.embed_dim] * subnet.depth, "mlp_ratio": list(subnet.mlp_ratios),
+                                 "num_heads": list(subnet.num_heads), "layer_num": subnet.depth})
+        return model(x)
+
+    return Impl("official", build, forward)
+
+
+def make_impls(cfg):
+    return [project_impl()] + ([official_impl(cfg.official)] if cfg.official else [])
+
+
+def case_space(case):
+    return dataclasses.replace(SPACES["tiny"], img_size=case.img_size, patch_size=case.patch_size)
+
+
+def make_batch(space, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, space.in_chans, space.img_size, space.img_size, generator=g)
+    return x, torch.randint(0, space.num_classes, (batch,), generator=g)
+
+
+def build_trainer(impl, space, seed):
+    torch.manual_seed(seed)
+    model = impl.build(space).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+
+def train_step(impl, model, opt, x, y, subnet, bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(impl.forward(model, x, subnet), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)  # grads are freed here, so a step starts from params + optimizer state
+
+
+def matmul_peak(dtype, n, repeats=10):
+    """Median FLOP/s of an n x n x n matmul in dtype."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def bench_train_step(cfg, case, impls):
+    """Images/s and MFU of training steps for each impl. Every impl runs the same `steps` subnets
+    `repeats` times, the impls interleaved so that load from other processes hits them alike; a
+    subnet's time is its median over the repeats, the figure is the sum of those medians. The
+    matmul peak that MFU divides by is measured between the repeats too, under the same load."""
+    space = case_space(case)
+    rng = random.Random(cfg.seed)
+    subnets = [space.sample(rng) for _ in range(cfg.warmup + cfg.steps)]
+    warm, timed = subnets[:cfg.warmup], subnets[cfg.warmup:]
+    x, y = make_batch(space, case.batch, cfg.seed)
+    flop = 6 * case.batch * sum(count_flops(space, s) for s in timed)  # 3 x forward MACs x 2 FLOP/MAC
+    trainers = {impl.name: (impl, *build_trainer(impl, space, cfg.seed)) for impl in impls}
+    for impl, model, opt in trainers.values():
+        for s in warm:
+            train_step(impl, model, opt, x, y, s, case.bf16)
+    times = {name: [[] for _ in timed] for name in trainers}  # [subnet][repeat] seconds
+    peaks = []
+    for _ in range(cfg.repeats):
+        peaks.append(matmul_peak(torch.bfloat16 if case.bf16 else torch.float32, cfg.matmul_n, repeats=3))
+        for name, (impl, model, opt) in trainers.items():
+            for s, ts in zip(timed, times[name]):
+                t = time.perf_counter()
+                train_step(impl, model, opt, x, y, s, case.bf16)
+                ts.append(time.perf_counter() - t)
+    peak = statistics.median(peaks)
+    out = {"load_average": os.getloadavg()[0], "matmul_peak_flop_per_s": peak}
+    for name, ts in times.items():
+        sec = sum(statistics.median(t) for t in ts)
+        out[name] = {"images_per_s": case.batch * len(timed) / sec, "step_seconds": ts,
+                     "flop_per_s": flop / sec, "mfu": flop / sec / peak}
+    return out
+
+
+def current_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory_child(cfg, impl_name):
+    """Runs in a fresh process (see peak_memory): one warm-up step, then reset the RSS high-water
+    mark (Linux: write 5 to /proc/self/clear_refs), run one step, and report how far RSS rose above
+    the RSS just before it (parameters, optimizer state, libraries)."""
+    impl = next(i for i in make_impls(cfg) if i.name == impl_name)
+    space = case_space(MEMORY_CASE)
+    subnet = space.largest()
+    x, y = make_batch(space, MEMORY_CASE.batch, cfg.seed)
+    model, opt = build_trainer(impl, space, cfg.seed)
+    train_step(impl, model, opt, x, y, subnet, MEMORY_CASE.bf16)  # creates the AdamW state
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = current_kib("VmRSS")
+    train_step(impl, model, opt, x, y, subnet, MEMORY_CASE.bf16)
+    peak = current_kib("VmHWM")
+    return {"rss_before_mib": base / 1024, "step_peak_mib": (peak - base) / 1024}
+
+
+def peak_memory(cfg, impl_name):
+    """Peak RSS increase of one training step, measured in a fresh subprocess so that nothing from
+    other sections (allocator caches, other models) is counted. MALLOC_MMAP_THRESHOLD_ fixes glibc's
+    mmap threshold (it otherwise grows after frees), so every tensor of 64 KiB or more is mmapped and
+    its pages go back to the OS when it is freed: RSS then follows live memory, and the warm-up
+    step's freed activations cannot be silently reused by the measured step."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", impl_name, "--seed", str(cfg.seed),
+           "--threads", str(cfg.threads), "--official", cfg.official]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def section_matmul(cfg, impls, results):
+    results["matmul"] = {dt: {"n": cfg.matmul_n, "flop_per_s": matmul_peak(getattr(torch, d), cfg.matmul_n)}
+                         for dt, d in (("fp32", "float32"), ("bf16", "bfloat16"))}
+    return [(f"matmul peak {dt} (TFLOP/s)", r["flop_per_s"] / 1e12, None, None)
+            for dt, r in results["matmul"].items()]
+
+
+def section_train(cfg, impls, results):
+    rows, results["train"] = [], {}
+    for case in TRAIN_CASES:
+        r = results["train"][case.name] = bench_train_step(cfg, case, impls)
+        off = r.get("official")
+        rows.append((f"train {case.name} (images/s)", r["project"]["images_per_s"],
+                     off and off["images_per_s"], (">=", TARGETS[case.name])))
+        rows.append((f"train {case.name} (MFU %)", 100 * r["project"]["mfu"], off and 100 * off["mfu"], None))
+        print(f"  {case.name}: " + ", ".join(f"{i.name} {r[i.name]['images_per_s']:.2f} images/s" for i in impls)
+              + f" (load average {r['load_average']:.1f})", flush=True)
+    return rows
+
+
+def section_memory(cfg, impls, results):
+    r = results["memory"] = {i.name: peak_memory(cfg, i.name) for i in impls}
+    off = r.get("official")
+    return [(f"memory {MEMORY_CASE.name} largest: step peak (MiB)", r["project"]["step_peak_mib"],
+             off and off["step_peak_mib"], ("<=", TARGETS["memory"])),
+            (f"memory {MEMORY_CASE.name} largest: RSS before (MiB)", r["project"]["rss_before_mib"],
+             off and off["rss_before_mib"], None)]
+
+
+SECTION_FNS = {"matmul": section_matmul, "train": section_train, "memory": section_memory}
+
+
+def print_table(rows):
+    """rows: (label, project, official or None, target (op, ratio) or None)."""
+    print(f"\n{'figure':<48} {'project':>9} {'official':>9} {'ratio':>6}  target")
+    for label, proj, off, target in rows:
+        line = f"{label:<48} {proj:>9.3f}"
+        if off is not None:
+            ratio = proj / off
+            line += f" {off:>9.3f} {ratio:>6.2f}"
+            if target:
+                op, want = target
+                line += f"  {op}{want:g} " + ("ok" if (ratio >= want if op == ">=" else ratio <= want) else "MISS")
+        print(line)
+
+
+def cpu_name():
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(BenchConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default, help=f.metadata["help"])
+    p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)  # internal: see peak_memory
+    args = vars(p.parse_args())
+    return BenchConfig(**{k: v for k, v in args.items() if k != "memory_child"}), args["memory_child"]
+
+
+def main():
+    cfg, child = parse_args()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if child:
+        print(json.dumps(memory_child(cfg, child)))
+        return
+    sections = [s for s in cfg.only.split(",") if s]
+    if not set(sections) <= set(SECTION_FNS):
+        sys.exit(f"--only takes a comma-separated subset of {','.join(SECTION_FNS)}, got {cfg.only!r}")
+    impls = make_impls(cfg)
+    results = {"config": dataclasses.asdict(cfg),
+               "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+                       "loadavg_start": os.getloadavg()}}
+    load, cores = os.getloadavg()[0], os.cpu_count()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores, load average {load:.2f}")
+    if load > 0.5 * cores:
+        print("warning: the machine is busy; other processes make the timings (of the many small ops most) slower")
+    rows = []
+    for name in sections:
+        print(f"[{name}]", flush=True)
+        rows += SECTION_FNS[name](cfg, impls, results)
+    results["env"]["loadavg_end"] = os.getloadavg()
+    results["ratios"] = {label: proj / off for label, proj, off, _ in rows if off is not None}
+    print_table(rows)
+    write_json(cfg.out, results)
+    print(f"\nwrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""Search the trained supernet for the most accurate subnet under a budget (AutoFormer, section 3.3).
+
+Every subnet inherits its weights from the supernet, so scoring one is a single inference pass
+over the held-out split ("minival", train images that training never used): no retraining. The
+evolution of the paper (and of the official evolution.py): 50 random subnets, then 20 generations,
+each taking the 10 best subnets found so far as parents, making 25 mutations and 25 crossovers of
+them and refilling the population of 50 with random subnets: 1,050 subnets scored in all.
+`--algorithm random` scores the same number of subnets drawn at random, for the comparison.
+
+    python search.py                                     # out/ckpt.pt, the default parameter window
+    python search.py --params 0.5M:0.6M --flops :40M     # windows, any combination
+    python search.py --latency-ms 4 --latency-batch 1    # measured on this machine
+    python search.py --resume                            # continue a killed search, same result
+    torchrun --nproc_per_node=2 search.py                # the candidates split across processes
+
+Writes OUT (default: the checkpoint's folder/search): candidates.jsonl (every scored subnet),
+best.json (a Subnet), pareto.json, search.png, latency.jsonl (with --latency-ms) and state.json.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+
+from autoformer import evaluate, extract, load_split
+from supernet import Subnet, Supernet, count_flops, count_params, load_checkpoint, space_of
+
+
+@dataclass
+class SearchConfig:
+    checkpoint: str = field(default="out/ckpt.pt", metadata={"help": "supernet checkpoint written by train.py"})
+    out: str = field(default="", metadata={"help": "results folder; empty: the checkpoint's folder/search"})
+    algorithm: str = field(default="evolution", metadata={"help": "the same number of subnets scored either way",
+                                                          "choices": ("evolution", "random")})
+    params: str = field(default="", metadata={"help": "MIN:MAX parameters, e.g. 0.4M:0.6M or :600K; empty: 25%%-45%% "
+                                                      "of the way from the space's smallest subnet to its largest"})
+    flops: str = field(default="", metadata={"help": "MIN:MAX multiply-accumulates per image, e.g. :40M"})
+    latency_ms: float = field(default=0.0, metadata={"help": "max ms per forward of the extracted model, measured "
+                                                             "HERE: the figure belongs to this machine. 0: off"})
+    latency_batch: int = field(default=1, metadata={"help": "images per forward when measuring latency"})
+    population: int = field(default=50, metadata={"help": "subnets per generation"})
+    generations: int = field(default=20, metadata={"help": "generations after the random first one"})
+    parents: int = field(default=10, metadata={"help": "best subnets so far that mutate and cross over"})
+    mutations: int = field(default=25, metadata={"help": "mutated subnets per generation"})
+    crossovers: int = field(default=25, metadata={"help": "crossed-over subnets per generation"})
+    p_global: float = field(default=0.4, metadata={"help": "mutation: chance to re-draw the depth, and the embed dim"})
+    p_layer: float = field(default=0.2, metadata={"help": "mutation: chance to re-draw each MLP ratio, and heads"})
+    max_tries: int = field(default=100_000, metadata={"help": "random draws to refill one generation before giving up"})
+    seed: int = field(default=0, metadata={"help": "seeds every random choice of the search"})
+    dtype: str = field(default="bf16", metadata={"help": "for scoring; the final val report is fp32",
+                                                 "choices": ("bf16", "fp32")})
+    batch_size: int = field(default=250, metadata={"help": "images per forward when scoring"})
+    data: str = field(default="", metadata={"help": "data folder, if it moved since training"})
+    resume: bool = field(default=False, metadata={"help": "continue the search in OUT with its recorded settings"})
+
+
+RUNTIME_FIELDS = ("checkpoint", "out", "data", "batch_size", "resume")  # --resume keeps these from the command line
+
+# ----------------------------------------------------------------------------- constraints
+
+
+def parse_window(text, flag):
+    """'MIN:MAX' -> (lo, hi); numbers may end in K, M or G, and either end may be left empty."""
+    def number(part, default):
+        scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(part[-1:].upper(), 1)
+        return float(part[:-1] if scale != 1 else part or default) * scale
+    try:
+        lo, hi = (number(p.strip(), d) for p, d in zip(text.split(":"), ("0", "inf"), strict=True))
+    except ValueError:
+        raise ValueError(f"{flag} {text}: write MIN:MAX, e.g. 0.5M:0.6M or :40M (either end may be empty)") from None
+    if lo > hi:
+        raise ValueError(f"{flag} {text}: MIN is larger than MAX")
+    return lo, hi
+
+
+def windows(space, cfg):
+    """{name: (counter, (lo, hi))} of the search, checked against the exact range of the space.
+    Both counters grow with every choice (depth, embed dim, heads, ratio), so the smallest and
+    largest subnets bound them: an empty window is found before anything is scored."""
+    small, large = count_params(space, space.smallest()), count_params(space, space.largest())
+    result = {"params": (count_params, parse_window(cfg.params, "--params") if cfg.params
+                         else (small + 0.25 * (large - small), small + 0.45 * (large - small)))}
+    if cfg.flops:
+        result["flops"] = (count_flops, parse_window(cfg.flops, "--flops"))
+    for name, (counter, (lo, hi)) in result.items():
+        least, most = counter(space, space.smallest()), counter(space, space.largest())
+        if hi < least or lo > most:
+            raise ValueError(f"--{name} {getattr(cfg, name)}: no subnet of the space is inside; "
+                             f"its subnets have {mega(least)} to {mega(most)} {name}")
+    return result
+
+
+def mega(x):
+    return f"{x / 1e6:.3g}M" if x != float("inf") else "inf"
+
+# ----------------------------------------------------------------------------- the search
+
+
+def mutate(parent, space, rng, p_global, p_layer):
+    """Re-draw the depth (new layers random, removed ones dropped) and the embed dim each with
+    p_global, then every layer's MLP ratio and head count each with p_layer."""
+    ratios, heads = list(parent.mlp_ratios), list(parent.num_heads)
+    if rng.random() < p_global:
+        depth = rng.choice(space.depths)
+        ratios = ratios[:depth] + [rng.choice(space.mlp_ratios) for _ in range(depth - len(ratios))]
+        heads = heads[:depth] + [rng.choice(space.num_heads) for _ in range(depth - len(heads))]
+    ratios = [rng.choice(space.mlp_ratios) if rng.random() < p_layer else r for r in ratios]
+    heads = [rng.choice(space.num_heads) if rng.random() < p_layer else h for h in heads]
+    embed_dim = rng.choice(space.embed_dims) if rng.random() < p_global else parent.embed_dim
+    return Subnet(embed_dim, ratios, heads)
+
+
+def crossover(parents, rng):
+    """Two parents of the same depth; each gene (the embed dim, each layer's ratio, each layer's
+    heads) from either, with even odds. None when the first parent has no mate of its depth."""
+    a = rng.choice(parents)
+    mates = [p for p in parents if p.depth == a.depth and p != a]
+    if not mates:
+        return None
+    b = rng.choice(mates)
+    pick = lambda x, y: x if rng.random() < 0.5 else y  # noqa: E731
+    return Subnet(pick(a.embed_dim, b.embed_dim), [pick(x, y) for x, y in zip(a.mlp_ratios, b.mlp_ratios)],
+                  [pick(x, y) for x, y in zip(a.num_heads, b.num_heads)])
+
+
+def propose(space, records, seen, admissible, cfg, rng, generation):
+    """One generation of `cfg.population` new subnets, each unseen and admissible (rejection)."""
+    new = []
+
+    def draw(make, count, tries):
+        goal = len(new) + count
+        for _ in range(tries):
+            if len(new) == goal:
+                return
+            subnet = make()
+            if subnet is not None and subnet not in seen and admissible(subnet):
+                seen.add(subnet)
+                new.append(subnet)
+
+    if cfg.algorithm == "evolution" and generation > 0:
+        ranked = sorted(records, key=lambda r: -r["top1"])  # stable: ties go to the earlier subnet
+        parents = [r["subnet"] for r in ranked[:cfg.parents]]
+        draw(lambda: mutate(rng.choice(parents), space, rng, cfg.p_global, cfg.p_layer), cfg.mutations,
+             10 * cfg.mutations)  # 10 tries per wanted child, as the official code
+        draw(lambda: crossover(parents, rng), cfg.crossovers, 10 * cfg.crossovers)
+    draw(lambda: space.sample(rng), cfg.population - len(new), cfg.max_tries)
+    if len(new) < cfg.population:
+        raise ValueError(f"generation {generation}: only {len(new)} of {cfg.population} new subnets inside the "
+                         f"constraints after {cfg.max_tries} random draws ({len(seen)} seen): the constrained space "
+                         "is (nearly) exhausted; widen the windows or lower --population/--generations")
+    return new
+
+
+def run_search(space, fitness, admissible, cfg, history=(), log=None):
+    """The search loop. `fitness(subnets, generation) -> [top-1]` scores new subnets,
+    `admissible(subnet) -> bool` tells the constraints. `history`: the records of the finished
+    generations of a resumed run. Generation g draws from random.Random(seed * 1_000_003 + g)
+    only, so a resumed run makes the same choices as one never stopped. Returns all records."""
+    records = list(history)
+    seen = {r["subnet"] for r in records}
+    for generation in range(records[-1]["generation"] + 1 if records else 0, cfg.generations + 1):
+        rng = random.Random(cfg.seed * 1_000_003 + generation)
+        new = propose(space, records, seen, admissible, cfg, rng, generation)
+        records += [{"subnet": s, "top1": f, "generation": generation} for s, f in zip(new, fitness(new, generation))]
+        if log:
+            log(generation, records)
+    return records
+
+
+def pareto(records):
+    """The records that no other beats on both counts: fewer (or as many) parameters, more top-1."""
+    front = []
+    for r in sorted(records, key=lambda r: (r["params"], -r["top1"])):
+        if not front or r["top1"] > front[-1]["top1"]:
+            front.append(r)
+    return front
+
+# ----------------------------------------------------------------------------- scoring and latency
+
+
+def supernet_fitness(scorer, images, labels, cfg, memo, on_score, rank, world):
+    """fitness() for run_search: top-1 % on the held-out tensors. Each process scores one subnet
+    per CPU thread at a time (one on a GPU), and the processes all-gather their scores. Subnets
+    in `memo` (scored before a resume) are not scored again; on_score sees each new one, in order.
+    On a CPU, a subnet per core on one thread each beats one subnet at a time on all cores: the
+    small ops of a 32 px model parallelise poorly, and spin-waiting threads burn a shared machine."""
+    jobs = 1 if scorer.pos_embed.is_cuda else torch.get_num_threads()
+    pool = ThreadPoolExecutor(jobs)
+
+    def top1(subnet):
+        return evaluate(scorer, (images, labels), subnet, None, cfg.batch_size)["top1"]
+
+    def fitness(subnets, generation):
+        todo, threads = [s for s in subnets if s not in memo], torch.get_num_threads()
+        torch.set_num_threads(1)  # for the scoring only: latency is measured as the model runs here
+        try:
+            for i in range(0, len(todo), world * jobs):
+                chunk = todo[i:i + world * jobs]
+                mine = list(pool.map(top1, chunk[rank::world]))  # rank r scores chunk[r::world]
+                scores = [mine]
+                if world > 1:
+                    scores = [None] * world
+                    dist.all_gather_object(scores, mine)
+                for r, part in enumerate(scores):
+                    memo.update(zip(chunk[r::world], part))
+                for subnet in chunk:
+                    on_score(subnet, memo[subnet], generation)
+        finally:
+            torch.set_num_threads(threads)
+        return [memo[s] for s in subnets]
+    return fitness
+
+
+@torch.inference_mode()
+def measure_latency(supernet, subnet, batch, warmup=3, runs=10):
+    """Median wall milliseconds of one forward of the extracted standalone model, fp32."""
+    model = extract(supernet, subnet).eval()
+    device, size = supernet.pos_embed.device, supernet.space.img_size
+    x = torch.randn(batch, supernet.space.in_chans, size, size, device=device)
+    times = []
+    for _ in range(warmup + runs):
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return round(statistics.median(times[warmup:]), 4)
+
+
+def read_jsonl(path):
+    """The rows of a JSONL file, if there is one; a last line cut short by a kill is dropped."""
+    lines, rows = path.read_text().splitlines() if path.is_file() else [], []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:  # one write per line: a kill can only cut the last line short
+        f.write(json.dumps(row) + "\n")
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+# ----------------------------------------------------------------------------- the picture
+
+PALETTE = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))  # viridis anchors
+
+
+def colour(t):
+    """Viridis-like colour of t in [0, 1], linear between the anchors."""
+    t = min(max(t, 0.0), 1.0) * (len(PALETTE) - 1)
+    i = min(int(t), len(PALETTE) - 2)
+    return tuple(round(a + (t - i) * (b - a)) for a, b in zip(PALETTE[i], PALETTE[i + 1]))
+
+
+def ticks(lo, hi, count=6):
+    """Round tick values (steps of 1, 2 or 5 x 10^k) covering [lo, hi]."""
+    raw = (hi - lo) / count
+    step = min((m * 10 ** k for m in (1, 2, 5) for k in range(-6, 10) if m * 10 ** k >= raw))
+    first = -(-lo // step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def plot(records, front, band, space_range, title, path):
+    """Held-out top-1 against parameters for every scored subnet, coloured by generation; the
+    Pareto front as a line, the --params window shaded, the best subnet ringed."""
+    W, H, box = 960, 600, (90, 70, 800, 530)  # plot area x0, y0, x1, y1
+    image = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(image)
+    font, small = ImageFont.load_default(16), ImageFont.load_default(13)
+    pad = (min(band[1], space_range[1]) - max(band[0], space_range[0])) / 3  # show the window's edges
+    x_lo, x_hi = max(band[0] - pad, space_range[0]) / 1e6, min(band[1] + pad, space_range[1]) / 1e6
+    accs = [r["top1"] for r in records]
+    y_lo, y_hi = max(min(accs) - 2, 0), min(max(accs) + 2, 100)
+    px = lambda x: box[0] + (x - x_lo) / (x_hi - x_lo) * (box[2] - box[0])  # noqa: E731
+    py = lambda y: box[3] - (y - y_lo) / (y_hi - y_lo) * (box[3] - box[1])  # noqa: E731
+    band_lo, band_hi = max(band[0] / 1e6, x_lo), min(band[1] / 1e6, x_hi)
+    draw.rectangle((px(band_lo), box[1], px(band_hi), box[3]), fill=(232, 232, 238))
+    draw.text((px(band_lo) + 4, box[1] + 4), "--params window", fill=(110, 110, 130), font=small)
+    for x in ticks(x_lo, x_hi):
+        draw.line((px(x), box[3], px(x), box[3] + 5), fill="black")
+        draw.text((px(x), box[3] + 8), f"{x:g}", fill="black", anchor="ma", font=small)
+    for y in ticks(y_lo, y_hi, 8):
+        draw.line((box[0], py(y), box[2], py(y)), fill=(222, 222, 222))
+        draw.text((box[0] - 8, py(y)), f"{y:g}", fill="black", anchor="rm", font=small)
+    last = max(r["generation"] for r in records) or 1
+    for r in records:  # oldest first: the later generations lie on top
+        x, y = px(r["params"] / 1e6), py(r["top1"])
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour(r["generation"] / last))
+    steps = []
+    for r in front:  # a staircase: the best top-1 reachable with at most x parameters
+        x, y = px(r["params"] / 1e6), py(r["top1"])
+        steps += [(x, steps[-1][1]), (x, y)] if steps else [(x, y)]
+    draw.line(steps + [(px(band_hi), steps[-1][1])], fill=(220, 40, 40), width=2)
+    best = front[-1]
+    x, y = px(best["params"] / 1e6), py(best["top1"])
+    draw.ellipse((x - 8, y - 8, x + 8, y + 8), outline=(220, 40, 40), width=2)
+    draw.text((x - 10, y - 10), f"best {best['top1']:.1f}% (val {best['val_top1']:.1f}%)", fill=(220, 40, 40),
+              anchor="rb", font=small)
+    draw.rectangle(box, outline="black")
+    draw.text(((box[0] + box[2]) / 2, box[3] + 30), "parameters (M)", fill="black", anchor="ma", font=font)
+    draw.text((box[0], box[1] - 6), "held-out top-1 (%)", fill="black", anchor="ld", font=font)
+    draw.text((W / 2, 20), title, fill="black", anchor="ma", font=font)
+    bar = (850, box[1] + 30, 875, box[3] - 30)  # the colour bar: generation 0 at the bottom
+    for i in range(bar[1], bar[3] + 1):
+        draw.line((bar[0], i, bar[2], i), fill=colour((bar[3] - i) / (bar[3] - bar[1])))
+    draw.rectangle(bar, outline="black")
+    for g in sorted({round(g) for g in ticks(0, last, 4)}):
+        draw.text((bar[2] + 6, bar[3] - g / last * (bar[3] - bar[1])), str(g), fill="black", anchor="lm", font=small)
+    draw.text(((bar[0] + bar[2]) / 2, bar[1] - 10), "generation", fill="black", anchor="md", font=small)
+    draw.line((bar[0] - 20, bar[3] + 30, bar[0] + 2, bar[3] + 30), fill=(220, 40, 40), width=2)
+    draw.text((bar[0] + 6, bar[3] + 30), "Pareto front", fill="black", anchor="lm", font=small)
+    image.save(path.with_name(path.name + ".tmp.png"))
+    os.replace(path.with_name(path.name + ".tmp.png"), path)
+
+# ----------------------------------------------------------------------------- the command
+
+
+def latency_check(supernet, cfg, path, rank, world):
+    """latency(subnet) -> ms, cached in `path` (JSONL) across runs. Rank 0 measures while the
+    others wait (so it has the machine to itself) and broadcasts: every rank sees the same figure."""
+    cache = {Subnet(**r["subnet"]): r["ms"] for r in read_jsonl(path) if r["batch"] == cfg.latency_batch}
+
+    def latency(subnet):
+        if subnet not in cache:
+            ms = [measure_latency(supernet, subnet, cfg.latency_batch) if rank == 0 else None]
+            if world > 1:
+                dist.broadcast_object_list(ms)
+            cache[subnet] = ms[0]
+            if rank == 0:
+                append_jsonl(path, {"subnet": json.loads(subnet.to_json()), "batch": cfg.latency_batch, "ms": ms[0]})
+        return cache[subnet]
+    return latency
+
+
+def search(cfg):
+    """Run the search `cfg` describes, write OUT; return the summary (rank 0) or None."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out = Path(cfg.out or Path(cfg.checkpoint).parent / "search")
+    state_path, log_path = out / "state.json", out / "candidates.jsonl"
+    state = {}
+    if cfg.resume:
+        if not state_path.is_file():
+            raise ValueError(f"{out}: no search to resume (no state.json)")
+        try:
+            state = json.loads(state_path.read_text())
+            cfg = dataclasses.replace(SearchConfig(**state["config"]), **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{state_path}: not the state of a search by this search.py ({e})") from None
+    if cfg.mutations + cfg.crossovers > cfg.population or not 0 < cfg.parents <= cfg.population:
+        raise ValueError("need --mutations + --crossovers <= --population and 0 < --parents <= --population")
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    space = space_of(checkpoint, cfg.checkpoint)
+    if cfg.resume and state["checkpoint_step"] != checkpoint.get("step"):
+        raise ValueError(f"{cfg.checkpoint}: changed since the search in {out} began (step "
+                         f"{state['checkpoint_step']}, now {checkpoint.get('step')}): start afresh without --resume")
+    bounds = windows(space, cfg)
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    supernet = Supernet(space).load_weights(checkpoint["model"], cfg.checkpoint).to(device).eval()
+    # Scoring runs a copy cast to bf16 once: autocast would cast each weight slice in every forward (20% slower).
+    scorer = Supernet(space).to(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]).eval()
+    scorer.load_state_dict(supernet.state_dict())
+    images, labels = load_split(checkpoint, cfg.checkpoint, "minival", cfg.data)
+    images, labels = images.to(device, next(scorer.parameters()).dtype), labels.to(device)
+
+    records = read_jsonl(log_path) if cfg.resume else []
+    memo = {Subnet(**r["subnet"]): r["top1"] for r in records}  # scored already: never twice
+    done = state.get("generations_done", 0)
+    history = [dict(r, subnet=Subnet(**r["subnet"])) for r in records if r["generation"] < done]
+    if rank == 0:  # a fresh search replaces an old one (the latency cache stays); a resumed one loses a torn line
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
+        if cfg.resume:
+            print(f"resuming {out}: {done} generations done, {len(records)} subnets scored", flush=True)
+    latency = latency_check(supernet, cfg, out / "latency.jsonl", rank, world)
+    if cfg.latency_ms and latency(space.smallest()) > cfg.latency_ms:
+        raise ValueError(f"--latency-ms {cfg.latency_ms:g}: even the smallest subnet takes "
+                         f"{latency(space.smallest()):.2f} ms at batch {cfg.latency_batch} on this machine, "
+                         "so no candidate meets it")
+
+    def admissible(subnet):
+        return (all(lo <= counter(space, subnet) <= hi for counter, (lo, hi) in bounds.values())
+                and (not cfg.latency_ms or latency(subnet) <= cfg.latency_ms))
+
+    def describe(subnet, top1, generation):  # one line of candidates.jsonl
+        row = {"subnet": json.loads(subnet.to_json()), "params": count_params(space, subnet),
+               "flops": count_flops(space, subnet), "top1": top1, "generation": generation}
+        return dict(row, latency_ms=latency(subnet)) if cfg.latency_ms else row
+
+    def on_score(subnet, top1, generation):
+        if rank == 0:
+            append_jsonl(log_path, describe(subnet, top1, generation))
+
+    def save_state(generations_done, **extra):
+        write_atomic(state_path, json.dumps({"config": dataclasses.asdict(cfg), "generations_done": generations_done,
+                                             "checkpoint_step": checkpoint.get("step"), **extra}, indent=1))
+
+    total, start, scored_before = (cfg.generations + 1) * cfg.population, time.time(), len(memo)
+
+    def log(generation, records):  # after every generation: the state for --resume, a progress line
+        if rank == 0:
+            save_state(generation + 1)
+            elapsed, fresh = time.time() - start, max(len(records) - scored_before, 1)
+            print(f"gen {generation:2d}/{cfg.generations}  best {max(r['top1'] for r in records):5.1f}%  median "
+                  f"{statistics.median(r['top1'] for r in records[-cfg.population:]):5.1f}% (this gen)  scored "
+                  f"{len(records)}/{total}  {elapsed / fresh:.2f} s/subnet  elapsed {elapsed:4.0f} s  "
+                  f"eta {elapsed / fresh * (total - len(records)):4.0f} s", flush=True)
+
+    window_text = ", ".join(f"{n} {mega(lo)}..{mega(hi)}" for n, (_, (lo, hi)) in bounds.items())
+    window_text += f", latency <= {cfg.latency_ms:g} ms at batch {cfg.latency_batch}" * bool(cfg.latency_ms)
+    if rank == 0:
+        print(f"{cfg.algorithm} search of {cfg.checkpoint}: {len(labels)} held-out images, {cfg.dtype}, "
+              f"{world} process(es), {window_text}", flush=True)
+    fitness = supernet_fitness(scorer, images, labels, cfg, memo, on_score, rank, world)
+    records = run_search(space, fitness, admissible, cfg, history, log)
+    if rank > 0:
+        return None
+
+    # The report: the validation split is used here, once, for the winner only.
+    rows = [describe(r["subnet"], r["top1"], r["generation"]) for r in records]
+    front = pareto(rows)
+    best = front[-1]  # the front ends at the highest top-1 (the earliest found among ties)
+    subnet = Subnet(**best["subnet"])
+    val_images, val_labels = load_split(checkpoint, cfg.checkpoint, "val", cfg.data)
+    val = evaluate(supernet, (val_images.to(device), val_labels.to(device)), subnet, None, cfg.batch_size)
+    best["val_top1"] = val["top1"]
+    write_atomic(out / "best.json", subnet.to_json() + "\n")
+    write_atomic(out / "pareto.json", json.dumps(front, indent=1))
+    extremes = (count_params(space, space.smallest()), count_params(space, space.largest()))
+    plot(rows, front, bounds["params"][1], extremes,
+         f"{cfg.algorithm}, seed {cfg.seed}: {len(rows)} subnets, {window_text}", out / "search.png")
+    summary = {"best": best, "scored": len(rows), "seconds": time.time() - start}
+    save_state(cfg.generations + 1, result=summary)
+    print(f"best: held-out top-1 {best['top1']:.2f}%, val top-1 {best['val_top1']:.2f}% (fp32), {mega(best['params'])} "
+          f"params, {mega(best['flops'])} MACs, embed dim {subnet.embed_dim}, depth {subnet.depth}")
+    print(f"results in {out}: candidates.jsonl, best.json, pareto.json ({len(front)} on the front), search.png, "
+          "state.json")
+    print(f"evaluate: python autoformer.py evaluate --checkpoint {cfg.checkpoint} --subnet {out / 'best.json'}")
+    print(f"export:   python autoformer.py export --checkpoint {cfg.checkpoint} --subnet {out / 'best.json'} "
+          f"--out {out / 'model.pt'}")
+    return summary
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(SearchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, choices=f.metadata.get("choices"),
+                           help=f.metadata["help"] + " (default: %(default)s)")
+    return SearchConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if "LOCAL_RANK" in os.environ:  # started by torchrun: gloo works on CPUs and GPUs alike
+        dist.init_process_group("gloo")
+    try:
+        search(cfg)
+    except (ValueError, OSError) as e:  # bad input, CheckpointError, DataError: one line, exit 2
+        print(f"search.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Each Triton kernel against its PyTorch reference, forward and every gradient, in Triton's
+interpreter (conftest.py sets TRITON_INTERPRET=1): fresh random inputs, awkward sizes that are no
+multiple of any block (N = 65 and 197, E = 216 and 240 of 256, 756 hidden units, 3 and 7 heads),
+fp32 / bf16 / fp16 activations with fp32 parameters, and every kernel output poisoned with NaN
+before the launch, so that an element a kernel forgets to write fails the test. Then the whole
+supernet with AUTOFORMER_BACKEND=triton against torch."""
+import dataclasses
+import random
+
+import pytest
+import torch
+
+import attention
+import kernels
+from supernet import SPACES, Supernet
+
+# Max error relative to the reference's largest magnitude. The interpreter computes fp32 dots
+# exactly; bf16 and fp16 round the activations, p and dS to 8 and 11 bits.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+DTYPES = list(TOLERANCE)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer a kernel fills starts as NaN (or -1 for integers)."""
+    def nan_output(shape, dtype, device):
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+    for module in (kernels, attention):  # kernels.py imports it from attention.py: both names
+        monkeypatch.setattr(module, "_new_output", nan_output)
+
+
+def close(actual, expected, dtype, what):
+    actual, expected = actual.float(), expected.float()
+    assert torch.isfinite(actual).all(), f"{what}: not finite (an unwritten element?)"
+    error = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item() or 1.0
+    assert error <= TOLERANCE[dtype] * scale, f"{what}: max error {error:.3g} vs max value {scale:.3g}"
+
+
+def check(triton_op, torch_op, activations, params, dtype):
+    """Run triton_op on the activations in `dtype` (parameters fp32, as under autocast) and torch_op
+    on everything in fp32 from the same values; compare the outputs and all gradients."""
+    low = [a.to(dtype) for a in activations]
+    runs = []
+    for op, acts in ((triton_op, low), (torch_op, [a.float() for a in low])):
+        leaves = [t.detach().clone().requires_grad_() for t in acts + params]
+        outs = op(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        if not runs:
+            upstream = [torch.randn(o.shape) for o in outs]
+        torch.autograd.backward(outs, [u.to(o.dtype) for u, o in zip(upstream, outs)])
+        runs.append((outs, [t.grad for t in leaves]))
+    (outs, grads), (ref_outs, ref_grads) = runs
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.shape == r.shape and o.dtype == low[0].dtype or o.dtype == torch.float32
+        close(o, r, dtype, f"output {i}")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == (low + params)[i].dtype
+        close(g, r, dtype, f"gradient of input {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["fc1", "fc2", "proj", "head"])
+def test_sliced_linear(case, dtype):
+    """fc1 216 -> 756 + GELU, fc2 756 -> 216 + residual, proj 7 heads x 16 -> 240 + residual, head."""
+    lead, K, n_out, S_out, S_in, gelu, residual = {
+        "fc1": ((1, 65), 216, 756, 1024, 256, True, False),
+        "fc2": ((1, 65), 756, 216, 256, 1024, False, True),
+        "proj": ((2, 65), 112, 240, 256, 256, False, True),
+        "head": ((3,), 240, 10, 10, 256, False, False),
+    }[case]
+    activations = [torch.randn(*lead, K)] + ([torch.randn(*lead, n_out)] if residual else [])
+    params = [torch.randn(S_out, S_in) * K**-0.5, torch.randn(S_out)]
+
+    def op(impl):
+        return lambda x, *rest: impl(x, rest[-2], rest[-1], n_out, gelu, rest[0] if residual else None)
+    check(op(kernels.sliced_linear_triton), op(kernels.sliced_linear_torch), activations, params, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, head_dim, E", [(3, 32, 216), (7, 16, 240)])
+def test_interleaved_qkv(heads, head_dim, E, dtype):
+    params = [torch.randn(3 * 8 * 32, 256) * E**-0.5, torch.randn(3 * 8 * 32)]
+    check(lambda x, w, b: kernels.interleaved_qkv_triton(x, w, b, heads, head_dim),
+          lambda x, w, b: kernels.interleaved_qkv_torch(x, w, b, heads, head_dim),
+          [torch.randn(1, 65, E)], params, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 197, 216), (2, 65, 240)])
+def test_sliced_layer_norm(shape, dtype):
+    x = torch.randn(shape) * 3 + 1
+    check(kernels.sliced_layer_norm_triton, kernels.sliced_layer_norm_torch, [x],
+          [torch.randn(256), torch.randn(256)], dtype)
+
+
+@pytest.mark.parametrize("B, H, N, D, max_rel, dtype",
+                         [(1, 7, 65, 32, 7, dtype) for dtype in DTYPES] + [(2, 1, 26, 64, 2, dtype) for dtype in DTYPES]
+                         + [(1, 3, 197, 16, 14, torch.float32)])
+def test_relative_attention(B, H, N, D, max_rel, dtype):
+    """The cpu space (65 tokens, 8 x 8 grid), a 5 x 5 grid whose distances are clipped at 2, and
+    ImageNet's 197 tokens (fp32 only: the interpreter's time grows with the programs); tables of a
+    super head dim 64."""
+    qkv = [torch.randn(B, H, N, D) for _ in range(3)]
+    tables = [torch.randn(2 * max_rel + 2, 64) * 0.5 for _ in range(4)]
+    check(lambda q, k, v, *t: attention.relative_attention_triton(q, k, v, t, max_rel),
+          lambda q, k, v, *t: attention.relative_attention_torch(q, k, v, t, max_rel), qkv, tables, dtype)
+
+
+def test_relative_attention_strided_inputs():
+    """q, k, v as autoformer.py passes them: permuted views of one (B, N, 3, heads, D) tensor."""
+    qkv = torch.randn(2, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, D), no copy
+    tables = [torch.randn(6, 16) for _ in range(4)]
+    check(lambda q, k, v, *t: attention.relative_attention_triton(q, k, v, t, 2),
+          lambda q, k, v, *t: attention.relative_attention_torch(q, k, v, t, 2), list(qkv.unbind(0)), tables,
+          torch.float32)
+
+
+def test_backend_switch(monkeypatch):
+    """auto and torch run the reference on CPU tensors without touching Triton; triton runs it."""
+    launches = []
+    monkeypatch.setattr(kernels, "_launch", lambda kernel, *args, **meta: launches.append(kernel))
+    x, w, b = torch.randn(2, 8), torch.randn(8), torch.randn(8)
+    for backend in ("auto", "torch"):
+        monkeypatch.setenv("AUTOFORMER_BACKEND", backend)
+        kernels.sliced_layer_norm(x, w, b)
+    assert launches == []
+    monkeypatch.setenv("AUTOFORMER_BACKEND", "triton")
+    kernels.sliced_layer_norm(x, w, b)
+    assert launches == [kernels._layer_norm_fwd_kernel]
+    monkeypatch.setenv("AUTOFORMER_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="AUTOFORMER_BACKEND"):
+        kernels.sliced_layer_norm(x, w, b)
+
+
+# Every feature of the supernet at a few milliseconds a layer in the interpreter: unequal widths,
+# 1 and 3 heads, clipped relative distances (max 2 on a 4 x 4 grid).
+SMALL = dataclasses.replace(SPACES["cpu"], embed_dims=(24, 40), mlp_ratios=(2.0, 3.5), num_heads=(1, 3),
+                            depths=(1, 2), head_dim=16, img_size=16, patch_size=4, num_classes=5,
+                            max_relative_position=2)
+
+
+def run_supernet(model, images, subnet, backend, monkeypatch, autocast=False):
+    monkeypatch.setenv("AUTOFORMER_BACKEND", backend)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(images, subnet)
+    logits.float().square().sum().backward()
+    return logits.float(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_supernet_triton_matches_torch(seed, monkeypatch):
+    torch.manual_seed(seed)
+    model = Supernet(SMALL)
+    subnet = SMALL.sample(random.Random(seed))
+    images = torch.randn(2, 3, 16, 16)
+    logits, grads = run_supernet(model, images, subnet, "triton", monkeypatch)
+    ref_logits, ref_grads = run_supernet(model, images, subnet, "torch", monkeypatch)
+    close(logits, ref_logits, torch.float32, "logits")
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        close(grads[name], ref_grads[name], torch.float32, name)
+
+
+def test_supernet_autocast(monkeypatch):
+    """Under bf16 autocast both backends run mixed precision; they agree to bf16 accuracy and every
+    parameter gradient comes back in fp32."""
+    torch.manual_seed(2)
+    model = Supernet(SMALL)
+    images = torch.randn(2, 3, 16, 16)
+    logits, grads = run_supernet(model, images, SMALL.largest(), "triton", monkeypatch, autocast=True)
+    ref_logits, ref_grads = run_supernet(model, images, SMALL.largest(), "torch", monkeypatch, autocast=True)
+    close(logits, ref_logits, torch.bfloat16, "logits")
+    for name in grads:  # two different bf16 roundings of the same sums: compare in norm
+        assert grads[name].dtype == torch.float32
+        error = (grads[name] - ref_grads[name]).norm() / ref_grads[name].norm()
+        assert error < 5e-2, f"{name}: relative error {error:.3g}"

@@ -1,0 +1,211 @@
+"""search.py and the command line of autoformer.py: the operators keep every candidate valid,
+unique and inside the constraints; a search is a function of its seed; a killed search resumes to
+the same result; evolution beats random search on a known fitness; export keeps the logits; bad
+input gets one clear line and exit code 2. A tiny space and a 40-image data set keep it quick."""
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import autoformer
+import data
+import search
+from supernet import SPACES, Subnet, Supernet, count_params
+
+TINY = dataclasses.replace(SPACES["cpu"], embed_dims=(16, 24, 32), mlp_ratios=(1.0, 2.0), num_heads=(1, 2),
+                           depths=(1, 2, 3), head_dim=8, patch_size=8, max_relative_position=3)
+QUICK = dict(population=8, generations=3, parents=3, mutations=3, crossovers=3)  # 32 subnets of TINY's 252
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A randomly initialised TINY supernet in the checkpoint format of train.py, on 40 + 20 images."""
+    folder = tmp_path_factory.mktemp("search")
+    root = data.ensure_synthetic(folder / "synthetic", n_train=40, n_val=20)
+    torch.manual_seed(0)
+    path = folder / "ckpt.pt"
+    torch.save({"model": Supernet(TINY).state_dict(), "space": dataclasses.asdict(TINY), "step": 7,
+                "data": {"kind": "synthetic", "root": str(root), "img_size": 32,
+                         "minival": {"indices": list(range(0, 40, 2)), "seed": 0, "fraction": 0.5}}}, path)
+    return path
+
+
+def config(**changes):
+    return dataclasses.replace(search.SearchConfig(), **{**QUICK, **changes})
+
+
+def known_fitness(subnet):
+    """A fixed function of the genes, with interactions, that no network computes: big and
+    balanced layers score, and some pairs of neighbouring layers score more together."""
+    score = subnet.embed_dim / 8 + 2 * subnet.depth
+    for i, (ratio, heads) in enumerate(zip(subnet.mlp_ratios, subnet.num_heads)):
+        score += ratio * (1 + i % 3) + heads * (3 - i % 3) + (ratio == 3.0 and heads == 3) * 4
+    return score
+
+
+def synthetic(subnets, generation):
+    return [known_fitness(s) for s in subnets]
+
+
+def inside(lo, hi):
+    return lambda s: lo <= count_params(SPACES["cpu"], s) <= hi
+
+
+def test_mutation_and_crossover_keep_subnets_valid_unique_and_inside():
+    space, admissible = SPACES["cpu"], inside(300e3, 500e3)
+    for seed in range(30):
+        rng = random.Random(seed)
+        parents = [space.sample(rng) for _ in range(6)]
+        for _ in range(20):
+            child = search.mutate(rng.choice(parents), space, rng, 0.4, 0.2)
+            space.validate(child)
+            mixed = search.crossover(parents, rng)
+            if mixed is not None:
+                space.validate(mixed)
+                assert any(all(x in (getattr(a, f), getattr(b, f)) if f == "embed_dim"
+                               else all(g in pair for g, pair in zip(x, zip(getattr(a, f), getattr(b, f))))
+                               for f, x in dataclasses.asdict(mixed).items())
+                           for a in parents for b in parents if a != b and a.depth == b.depth == mixed.depth)
+        records = search.run_search(space, synthetic, admissible, config(seed=seed, population=20, generations=4,
+                                                                         mutations=8, crossovers=8), ())
+        subnets = [r["subnet"] for r in records]
+        assert len(subnets) == 100 and len(set(subnets)) == 100
+        assert all(admissible(s) and space.validate(s) for s in subnets)
+        assert [r["generation"] for r in records] == [g for g in range(5) for _ in range(20)]
+
+
+def test_mutation_changes_depth_by_truncating_or_extending():
+    space, rng = SPACES["cpu"], random.Random(0)
+    parent = Subnet(64, [2.0] * 5, [2] * 5)
+    children = [search.mutate(parent, space, rng, 1.0, 0.0) for _ in range(50)]
+    assert {c.depth for c in children} == {4, 5, 6}
+    for child in children:  # with p_layer = 0 the kept layers are the parent's, new layers random
+        kept = min(child.depth, 5)
+        assert child.mlp_ratios[:kept] == parent.mlp_ratios[:kept] and child.num_heads[:kept] == parent.num_heads[:kept]
+
+
+def test_search_is_a_function_of_the_seed():
+    cfg, admissible = config(population=12, generations=4), inside(300e3, 700e3)
+    first = search.run_search(SPACES["cpu"], synthetic, admissible, cfg)
+    assert first == search.run_search(SPACES["cpu"], synthetic, admissible, cfg)
+    assert first != search.run_search(SPACES["cpu"], synthetic, admissible, dataclasses.replace(cfg, seed=1))
+
+
+def test_stopped_and_resumed_equals_uninterrupted():
+    cfg, admissible = config(population=12, generations=5), inside(300e3, 700e3)
+    full = search.run_search(SPACES["cpu"], synthetic, admissible, cfg)
+    for k in range(5):  # stopped after generation k, then resumed from its records
+        part = search.run_search(SPACES["cpu"], synthetic, admissible, dataclasses.replace(cfg, generations=k))
+        assert search.run_search(SPACES["cpu"], synthetic, admissible, cfg, part) == full
+
+
+def test_evolution_beats_random_search_at_equal_budget():
+    admissible, wins = inside(400e3, 600e3), 0
+    for seed in range(10):
+        cfg = config(seed=seed, population=20, generations=10, parents=5, mutations=8, crossovers=8)
+        best = {a: max(r["top1"] for r in search.run_search(SPACES["cpu"], synthetic, admissible,
+                                                            dataclasses.replace(cfg, algorithm=a)))
+                for a in ("evolution", "random")}
+        wins += best["evolution"] > best["random"]
+    assert wins >= 8
+
+
+def test_search_writes_its_results(checkpoint, tmp_path):
+    out = tmp_path / "run"
+    summary = search.search(config(checkpoint=str(checkpoint), out=str(out), params=":1M"))
+    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and len({json.dumps(r["subnet"]) for r in rows}) == 32
+    assert set(rows[0]) == {"subnet", "params", "flops", "top1", "generation"}
+    best = Subnet.from_json((out / "best.json").read_text())
+    assert max(r["top1"] for r in rows) == summary["best"]["top1"] and best == Subnet(**summary["best"]["subnet"])
+    front = json.loads((out / "pareto.json").read_text())
+    assert all(a["params"] < b["params"] and a["top1"] < b["top1"] for a, b in zip(front, front[1:]))
+    assert front[-1]["top1"] == summary["best"]["top1"] and 0 <= summary["best"]["val_top1"] <= 100
+    assert Image.open(out / "search.png").size == (960, 600)
+    assert json.loads((out / "state.json").read_text())["result"]["scored"] == 32
+
+
+def test_killed_search_resumes_to_the_same_result(checkpoint, tmp_path, monkeypatch):
+    cfg = config(checkpoint=str(checkpoint), params=":1M")
+    search.search(dataclasses.replace(cfg, out=str(tmp_path / "whole")))
+    calls, real = [], search.evaluate
+
+    def dies_after_13(*args, **kwargs):  # a kill in the middle of generation 1
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "evaluate", dies_after_13)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one subnet at a time: with N threads, up to N - 1 scores in flight are redone
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            search.search(dataclasses.replace(cfg, out=str(tmp_path / "killed")))
+        monkeypatch.setattr(search, "evaluate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+        search.search(dataclasses.replace(cfg, out=str(tmp_path / "killed"), resume=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 32 + 1  # every subnet scored once, plus the winner on the val split
+    for name in ("candidates.jsonl", "best.json", "pareto.json"):
+        assert (tmp_path / "killed" / name).read_text() == (tmp_path / "whole" / name).read_text()
+
+
+def test_exported_model_equals_the_supernet(checkpoint, tmp_path):
+    subnet = Subnet(24, [2.0, 1.0], [2, 1])
+    (tmp_path / "best.json").write_text(subnet.to_json())
+    autoformer.main(["export", "--checkpoint", str(checkpoint), "--subnet", str(tmp_path / "best.json"),
+                     "--out", str(tmp_path / "model.pt")])
+    model = autoformer.load_exported(tmp_path / "model.pt")
+    supernet = Supernet(TINY).load_weights(torch.load(checkpoint, weights_only=True)["model"], "test").eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), supernet(images, subnet), rtol=1e-5, atol=1e-5)
+    assert model.subnet == subnet and model.space == TINY
+
+
+def test_info_and_evaluate_commands(checkpoint, tmp_path, capsys):
+    autoformer.main(["info", "--subnet", "autoformer-t"])
+    assert "5.868 M parameters" in capsys.readouterr().out
+    (tmp_path / "sub.json").write_text(Subnet(32, [2.0], [2]).to_json())
+    autoformer.main(["evaluate", "--checkpoint", str(checkpoint), "--subnet", str(tmp_path / "sub.json")])
+    assert "val top-1" in capsys.readouterr().out
+
+
+def fails(main, argv, capsys, *needles):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_bad_input_gets_one_line_and_exit_code_2(checkpoint, tmp_path, capsys):
+    run = ["--out", str(tmp_path / "bad"), "--population", "8", "--generations", "1", "--parents", "3",
+           "--mutations", "3", "--crossovers", "3"]
+    fails(search.main, ["--checkpoint", str(tmp_path / "missing.pt")] + run, capsys, "no such checkpoint file")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    fails(search.main, ["--checkpoint", str(tmp_path / "junk.pt")] + run, capsys, "not a readable checkpoint")
+    other = dataclasses.replace(TINY, head_dim=16)  # the same layers, wider attention
+    torch.save({"model": Supernet(other).state_dict(), "space": dataclasses.asdict(TINY)}, tmp_path / "other.pt")
+    fails(search.main, ["--checkpoint", str(tmp_path / "other.pt")] + run, capsys, "a checkpoint of another space?")
+    fails(search.main, ["--checkpoint", str(checkpoint), "--params", "5M:6M"] + run, capsys,
+          "no subnet of the space is inside", f"{search.mega(count_params(TINY, TINY.smallest()))} to")
+    fails(search.main, ["--checkpoint", str(checkpoint), "--flops", ":1K"] + run, capsys, "--flops", "M flops")
+    fails(search.main, ["--checkpoint", str(checkpoint), "--params", "1M-2M"] + run, capsys, "write MIN:MAX")
+    fails(search.main, ["--checkpoint", str(checkpoint), "--latency-ms", "1e-6"] + run, capsys,
+          "even the smallest subnet takes")
+    fails(search.main, ["--checkpoint", str(checkpoint), "--params", ":6K"] + run,
+          capsys, "exhausted")
+    torch.save({"model": Supernet(TINY).state_dict(), "space": dataclasses.asdict(TINY)}, tmp_path / "nodata.pt")
+    fails(search.main, ["--checkpoint", str(tmp_path / "nodata.pt")] + run, capsys, "records no data set")
+    torch.save({"model": {}, "space": dataclasses.asdict(TINY)}, tmp_path / "empty.pt")
+    fails(search.main, ["--checkpoint", str(tmp_path / "empty.pt")] + run, capsys, "do not fit")
+    fails(search.main, ["--checkpoint", str(checkpoint), "--resume", "--out", str(tmp_path / "none")], capsys,
+          "no search to resume")
+    fails(autoformer.main, ["evaluate", "--checkpoint", str(checkpoint), "--subnet", "autoformer-t"], capsys,
+          "is not in the space")

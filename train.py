@@ -1,0 +1,468 @@
+"""Train an AutoFormer supernet: every step trains one subnet, and all subnets share the weights.
+
+Each step draws a subnet uniformly from the search space (depth, then each layer's MLP ratio and
+heads, then the embed dim), runs the batch through the leading slices of the super weights that
+subnet uses, and takes one AdamW step. The subnet of step s is drawn from random.Random seeded by
+(seed, s) alone, so every process of a distributed run, and a run resumed after a crash, draws
+the same sequence. `--sandwich` trains instead the largest, the smallest and n random subnets on
+every batch, the smaller ones distilled from the largest's predictions (BigNAS, NASViT).
+
+  python train.py                                 # built-in data set, cpu space, < 10 min on 2 cores
+  python train.py --sandwich                      # the sandwich rule with in-place distillation
+  python train.py --resume                        # continue out/ckpt.pt after a crash
+  python train.py --data ~/cifar-10-batches-py --space cpu --epochs 100
+  torchrun --nproc_per_node=8 train.py --data ~/imagenet --space tiny --epochs 500 --batch-size 128 \\
+      --lr 5e-4 --warmup-epochs 5 --drop-path 0.1 --mixup 0.8 --cutmix 1.0 --workers 8 --out out/tiny
+  python train.py --subnet sub.json --inherit out/ckpt.pt   # one subnet as a standalone AutoFormer
+
+Writes OUT/ckpt.pt (every epoch and every --ckpt-every steps, atomically) and OUT/curves.png.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+import data
+from autoformer import AutoFormer, evaluate, extract
+from supernet import SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, space_of
+
+
+@dataclass
+class TrainConfig:
+    """The defaults are the `python train.py` run: the cpu space on the built-in set in under 10 minutes
+    on 2 CPU cores, hence a high learning rate, no drop path and no mixing; the ImageNet recipe
+    (DeiT's, as AutoFormer's) is the torchrun command above."""
+    data: str = field(default="", metadata={"help": "image folder or CIFAR; empty: the built-in set, data/synthetic"})
+    space: str = field(default="cpu", metadata={"help": f"search space: {', '.join(SPACES)}"})
+    out: str = field(default="out", metadata={"help": "folder for ckpt.pt and curves.png"})
+    epochs: int = field(default=15, metadata={"help": "passes over the training split"})
+    batch_size: int = field(default=64, metadata={"help": "images per step and per process"})
+    lr: float = field(default=8e-3, metadata={"help": "peak learning rate at global batch 512 (DeiT's scaling)"})
+    min_lr: float = field(default=1e-5, metadata={"help": "final learning rate of the cosine, at batch 512"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW decay of weight matrices"})
+    drop_path: float = field(default=0.0, metadata={"help": "drop path of the last layer; supernet only (DeiT: 0.1)"})
+    clip_grad: float = field(default=1.0, metadata={"help": "max gradient norm; 0: no clipping"})
+    smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
+    mixup: float = field(default=0.0, metadata={"help": "mixup alpha; 0: off (DeiT: 0.8)"})
+    cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha; 0: off (DeiT: 1.0)"})
+    dtype: str = field(default="bf16", metadata={"help": "fp32, bf16 or fp16 (GPU only) autocast"})
+    sandwich: bool = field(default=False, metadata={"help": "train largest + smallest + random subnets per step"})
+    sandwich_random: int = field(default=2, metadata={"help": "random subnets per step under --sandwich"})
+    seed: int = field(default=0, metadata={"help": "seeds weights, data order, augmentation and subnets"})
+    minival: float = field(default=0.05, metadata={"help": "fraction of train held out for evaluation and search"})
+    workers: int = field(default=1, metadata={"help": "DataLoader worker processes per process"})
+    log_every: int = field(default=10, metadata={"help": "steps between progress lines"})
+    ckpt_every: int = field(default=0, metadata={"help": "steps between checkpoints besides each epoch; 0: none"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps; the schedule spans --epochs"})
+    resume: bool = field(default=False, metadata={"help": "continue OUT/ckpt.pt with its recorded config"})
+    init: str = field(default="", metadata={"help": "start from this supernet checkpoint (ours or official)"})
+    subnet: str = field(default="", metadata={"help": "train this subnet (JSON file) as a standalone AutoFormer"})
+    inherit: str = field(default="", metadata={"help": "with --subnet: start from its weights in this supernet"})
+
+
+RUNTIME_FIELDS = ("out", "resume", "max_steps", "workers", "log_every", "ckpt_every")  # --resume keeps these
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Not decayed: biases and norms (1-D) and the position embeddings, absolute and relative. The official
+# code means to exempt the relative tables too (no_weight_decay lists "rel_pos_embed"), but timm
+# matches whole names, so there they are decayed; here they count as position embeddings.
+NO_DECAY = ("pos_embed", "cls_token", "embeddings_table")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def step_subnets(space, cfg, step):
+    """The subnets trained at `step`, a function of (seed, step) only: every rank and a resumed run
+    draw the same ones without any communication."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    if cfg.sandwich:
+        return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(cfg.sandwich_random)]
+    return [space.sample(rng)]
+
+
+def fixed_subnets(space):
+    """The subnets evaluated after every epoch: the two ends of the space and one in the middle."""
+    def mid(choices):
+        return sorted(choices)[len(choices) // 2]
+    depth = mid(space.depths)
+    middle = Subnet(mid(space.embed_dims), [mid(space.mlp_ratios)] * depth, [mid(space.num_heads)] * depth)
+    return {"smallest": space.smallest(), "middle": middle, "largest": space.largest()}
+
+
+def learning_rate(step, total, warmup, peak, floor):
+    """Linear warm-up from peak / warmup to peak over `warmup` steps, then a cosine down to `floor`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model, weight_decay):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or any(k in name for k in NO_DECAY) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def soft_cross_entropy(logits, targets):
+    """Cross-entropy against a distribution (B, classes): smoothed or mixed labels, or a teacher's."""
+    return -(targets * logits.float().log_softmax(-1)).sum(-1).mean()
+
+
+def sync_gradients(model, world):
+    """Average the gradients over the processes with one all-reduce of one flat buffer.
+
+    Why not DistributedDataParallel: a subnet leaves whole layers of the supernet unused, which DDP
+    only tolerates with find_unused_parameters=True, a graph traversal every step. Here every rank
+    trains the same subnet, so every rank knows the same set of parameters that got a gradient; those
+    are reduced, the others keep grad None, and AdamW skips them exactly as in a one-process run.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])  # (sum of numels,)
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def train_step(model, opt, scaler, images, targets, subnets, dtype, cfg, world):
+    """One optimizer step on `subnets` (one, or the sandwich). The first subnet learns from `targets`;
+    under the sandwich rule the others learn from its detached softmax (in-place distillation).
+    Gradients of all subnets add up before the single step. Returns the first subnet's loss."""
+    device = images.device
+    teacher, losses = None, []
+    for subnet in subnets:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images, subnet) if isinstance(model, Supernet) else model(images)
+        loss = soft_cross_entropy(logits, targets if teacher is None else teacher)
+        if teacher is None and len(subnets) > 1:
+            teacher = logits.detach().float().softmax(-1)
+        scaler.scale(loss).backward()  # one graph at a time: memory of a single subnet
+        losses.append(loss.detach())
+    loss = torch.stack(losses).float()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    if not torch.isfinite(loss).all():  # before the update: the weights and the checkpoint stay good
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"loss is {loss.tolist()}")
+    sync_gradients(model, world)
+    scaler.unscale_(opt)
+    if cfg.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.clip_grad)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)  # None, not zeros: unused layers must stay untouched next step
+    return loss[0].item()
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash at any
+    moment leaves either the old file or the new one, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_panel(draw, left, series, xlabel, ylabel, size=(480, 320), margin=56):
+    """One chart: `series` maps a name to its [(x, y), ...] points, drawn into a size[0] x size[1]
+    box whose left edge is at x = `left`, with a frame, five ticks per axis, labels and a legend."""
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return
+    width, height = size
+    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
+    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    x_hi, y_hi = max(x_hi, x_lo + 1e-9), max(y_hi, y_lo + 1e-9)
+    box = (left + margin, 24, left + width - 16, height - margin)  # plot area: x0, y0, x1, y1
+
+    def pixel(x, y):
+        return (box[0] + (x - x_lo) / (x_hi - x_lo) * (box[2] - box[0]),
+                box[3] - (y - y_lo) / (y_hi - y_lo) * (box[3] - box[1]))
+
+    draw.rectangle(box, outline="black")
+    for i in range(5):
+        x, y = x_lo + i / 4 * (x_hi - x_lo), y_lo + i / 4 * (y_hi - y_lo)
+        px, py = pixel(x, y)
+        draw.line([(px, box[3]), (px, box[3] + 4)], fill="black")
+        draw.text((px, box[3] + 6), f"{x:.4g}", fill="black", anchor="ma")
+        draw.line([(box[0] - 4, py), (box[0], py)], fill="black")
+        draw.text((box[0] - 6, py), f"{y:.3g}", fill="black", anchor="rm")
+    draw.text(((box[0] + box[2]) / 2, height - 18), xlabel, fill="black", anchor="ma")
+    draw.text((left + 4, 2), ylabel, fill="black")
+    for i, (name, pts) in enumerate(series.items()):
+        colour = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")[i % 4]
+        draw.line([pixel(*p) for p in pts] if len(pts) > 1 else [pixel(*pts[0])] * 2, fill=colour, width=2)
+        draw.text((box[0] + 8, box[1] + 6 + 14 * i), name, fill=colour)
+
+
+def plot_curves(history, path):
+    """OUT/curves.png: the logged training loss by step (left) and the fixed subnets' top-1 on
+    the held-out split by epoch (right). Pillow only, so no plotting library is needed."""
+    image = Image.new("RGB", (960, 320), "white")
+    draw = ImageDraw.Draw(image)
+    plot_panel(draw, 0, {"train loss": history["loss"]}, "step", "training loss")
+    accuracy = {name: [(e["epoch"], e["top1"][name]) for e in history["epochs"]]
+                for name in (history["epochs"][0]["top1"] if history["epochs"] else {})}
+    plot_panel(draw, 480, accuracy, "epoch", "top-1 % on minival")
+    tmp = path.with_name(path.name + ".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def setup_distributed():
+    """(rank, world size, device): under torchrun one process per GPU with NCCL, or per share of
+    the CPU cores with gloo; otherwise a single process on the GPU if there is one."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if world > 1:  # N processes x all cores each would oversubscribe the CPU many times over
+            torch.set_num_threads(max(1, os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def build_model(cfg, state, num_classes):
+    """The model to train (a Supernet, or one AutoFormer with --subnet), its space, and the subnets
+    evaluated after each epoch. Weights come from --resume's state, --init or --inherit, else fresh."""
+    source = cfg.init or cfg.inherit
+    given = load_checkpoint(source) if source else None
+    space = dataclasses.replace(SPACES[cfg.space], num_classes=num_classes)
+    if state is not None:
+        space = space_of(state, Path(cfg.out) / "ckpt.pt")
+    elif given is not None:  # ours record their space; official files get the one --space names
+        space = space_of(given, source, None if "space" in given else SPACES[cfg.space])
+    if space.num_classes != num_classes:
+        raise ValueError(f"{source or cfg.out}: the model has {space.num_classes} classes, the data {num_classes}")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank: nothing is broadcast
+    if cfg.subnet:
+        if not Path(cfg.subnet).is_file():
+            raise ValueError(f"--subnet {cfg.subnet}: no such file (a subnet JSON, as search.py writes)")
+        subnet = space.validate(Subnet.from_json(Path(cfg.subnet).read_text()))
+        if given is not None:
+            model = extract(Supernet(space).load_weights(given["model"], source), subnet)
+        else:
+            model = AutoFormer(space, subnet)
+        fixed = {"subnet": subnet}
+    else:
+        model = Supernet(space, cfg.drop_path)
+        if given is not None:
+            model.load_weights(given["model"], source)
+        fixed = fixed_subnets(space)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    return model, space, fixed
+
+
+def held_out(loader, image_size, limit=1 << 30):
+    """This rank's share of an evaluation split as one (images, labels) pair of tensors when it fits
+    in `limit` bytes: decoded once, every later evaluation is pure compute. Else the loader."""
+    if len(loader.sampler) * 3 * image_size**2 * 4 > limit:
+        return loader
+    images, labels = zip(*loader)
+    return torch.cat(images), torch.cat(labels)
+
+
+def accuracies(model, fixed, split, dtype, world):
+    """Top-1 % of each fixed subnet on `split`, the ranks' disjoint shares counted together."""
+    top1 = {}
+    for name, subnet in fixed.items():
+        result = evaluate(model, split, subnet if isinstance(model, Supernet) else None, dtype)
+        counts = torch.tensor([result["top1"] * result["images"] / 100, result["images"]], dtype=torch.float64,
+                              device=model.pos_embed.device)  # NCCL reduces GPU tensors only
+        if world > 1:
+            dist.all_reduce(counts)
+        top1[name] = 100 * counts[0].item() / max(counts[1].item(), 1)
+    return top1
+
+
+def clock(seconds):
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def train(cfg):
+    """Run the training that `cfg` describes. Returns {"model", "checkpoint", "top1", "history"}."""
+    rank, world, device = setup_distributed()
+    out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"
+    state = load_checkpoint(ckpt_path) if cfg.resume else None
+    if state is not None:  # the recorded run, with this invocation's run-time knobs
+        cfg = dataclasses.replace(TrainConfig(**state["config"]), **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+    if cfg.space not in SPACES:
+        raise ValueError(f"--space {cfg.space}: choose one of {', '.join(SPACES)}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
+    if cfg.dtype == "fp16" and device.type != "cuda":
+        raise ValueError("--dtype fp16 needs a GPU: CPU autocast to fp16 is slow and needs loss scaling; use bf16")
+    if cfg.subnet and (cfg.init or cfg.sandwich):
+        raise ValueError("--subnet trains one fixed subnet: --init and --sandwich are for supernets (use --inherit)")
+    if cfg.inherit and not cfg.subnet:
+        raise ValueError("--inherit takes the weights of the subnet named by --subnet")
+    dtype = DTYPES[cfg.dtype]
+
+    # Data first: bad data fails here, before any training. Rank 0 writes the built-in set once.
+    root = Path(cfg.data) if cfg.data else Path(__file__).resolve().parent / "data" / "synthetic"
+    if not cfg.data and rank == 0:
+        t = time.time()
+        data.ensure_synthetic(root)
+        print(f"built-in data set ready in {root} ({time.time() - t:.0f} s)", flush=True)
+    if world > 1:
+        dist.barrier()
+    dataset = data.load_dataset(root)
+    model, space, fixed = build_model(cfg, state, len(dataset.class_names))
+    model.to(device)
+    loaders = data.build_loaders(dataset, space.img_size, cfg.batch_size, seed=cfg.seed, minival_fraction=cfg.minival,
+                                 minival_indices=state["data"]["minival"]["indices"] if state else None,
+                                 num_workers=cfg.workers, eval_batch_size=500, rank=rank, world_size=world)
+    record = {"kind": dataset.kind, "root": str(root), "img_size": space.img_size,
+              "minival": {"indices": loaders.minival_indices, "seed": cfg.seed, "fraction": cfg.minival}}
+    minival = held_out(loaders.minival, space.img_size)
+
+    steps_per_epoch = len(loaders.train)
+    total = cfg.epochs * steps_per_epoch
+    scale = cfg.batch_size * world / 512  # DeiT's linear scaling rule: lr grows with the global batch
+    schedule = {"total_steps": total, "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch),
+                "peak_lr": cfg.lr * scale, "min_lr": cfg.min_lr * scale}
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=schedule["peak_lr"])
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    step, history = 0, {"loss": [], "epochs": []}
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, history = state["step"], state["history"]
+        torch.set_rng_state(state["rng"]["torch"])  # each step reseeds itself; this covers the rest
+        random.setstate(state["rng"]["python"])
+        if state["scheduler"] != schedule:
+            raise CheckpointError(f"{ckpt_path}: recorded for {state['scheduler']}, this run has {schedule}: "
+                                  "resume with the same number of processes")
+
+    saved_step = state["step"] if state else None
+
+    def save():
+        nonlocal saved_step
+        saved_step = step
+        if rank == 0:
+            save_atomic({"model": model.state_dict(), "space": dataclasses.asdict(space), "data": record,
+                         "step": step, "epoch": step // steps_per_epoch, "optimizer": opt.state_dict(),
+                         "scheduler": schedule, "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg),
+                         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "history": history,
+                         **({"subnet": json.loads(fixed["subnet"].to_json())} if cfg.subnet else {})}, ckpt_path)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        kind = f"subnet {fixed['subnet'].to_json()}" if cfg.subnet else f"supernet of space {cfg.space}"
+        params = sum(p.numel() for p in model.parameters())
+        print(f"training the {kind} ({params / 1e6:.2f} M parameters) on {dataset.kind} {root}: "
+              f"{len(dataset.train) - len(loaders.minival_indices)} train / {len(loaders.minival_indices)} minival "
+              f"images, {world} x {device.type}, {cfg.dtype}, global batch {cfg.batch_size * world}, "
+              f"{total} steps{f', resuming at step {step}' if step else ''}", flush=True)
+    stop = min(total, cfg.max_steps or total)
+    start_time, start_step, window = time.time(), step, (time.time(), step, [])
+    while step < stop:
+        epoch, done = divmod(step, steps_per_epoch)
+        loaders.train.sampler.set_epoch(epoch, skip=done * cfg.batch_size)
+        model.train()
+        for images, labels in loaders.train:
+            lr = learning_rate(step, total, schedule["warmup_steps"], schedule["peak_lr"], schedule["min_lr"])
+            for group in opt.param_groups:
+                group["lr"] = lr
+            # Every random draw of a step is a function of (seed, step[, rank]): the subnets, the
+            # mix, drop path. So a resumed run repeats an uninterrupted one draw for draw.
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, targets = data.mix_batch(images, labels, space.num_classes, cfg.mixup, cfg.cutmix,
+                                             cfg.smoothing, torch.default_generator)
+            try:
+                loss = train_step(model, opt, scaler, images, targets, step_subnets(space, cfg, step)
+                                  if not cfg.subnet else [fixed["subnet"]], dtype, cfg, world)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"step {step}: {e}; stopped, {ckpt_path} is left as it was "
+                                    f"(last written at step {saved_step}): lower --lr, raise "
+                                    "--warmup-epochs or use --dtype fp32") from None
+            step += 1
+            window[2].append(loss)
+            if rank == 0 and (step % cfg.log_every == 0 or step == stop):
+                now = time.time()
+                history["loss"].append((step, sum(window[2]) / len(window[2])))
+                per_step = (now - start_time) / (step - start_step)
+                print(f"step {step:5d}/{total}  epoch {epoch + 1}/{cfg.epochs}  loss {history['loss'][-1][1]:.4f}  "
+                      f"lr {lr:.2e}  {(step - window[1]) * cfg.batch_size * world / (now - window[0]):5.0f} img/s  "
+                      f"elapsed {clock(now - start_time)}  eta {clock(per_step * (stop - step))}", flush=True)
+                window = (now, step, [])
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                save()
+            if step == stop:
+                break
+        if step % steps_per_epoch == 0:  # an epoch ended: evaluate the fixed subnets, checkpoint
+            t = time.time()
+            top1 = accuracies(model, fixed, minival, dtype, world)
+            history["epochs"].append({"epoch": step // steps_per_epoch, "step": step, "top1": top1})
+            save()
+            if rank == 0:
+                plot_curves(history, out / "curves.png")
+                scores = "  ".join(f"{k} {v:.1f}%" for k, v in top1.items())
+                print(f"epoch {step // steps_per_epoch}/{cfg.epochs}  minival top-1  {scores}  "
+                      f"({time.time() - t:.1f} s)", flush=True)
+        elif step == stop:  # --max-steps ended the run mid-epoch: keep its state for --resume
+            save()
+    final = accuracies(model, fixed, loaders.val, dtype, world) if step == total else {}
+    if rank == 0:
+        print(f"done in {clock(time.time() - start_time)}: checkpoint {ckpt_path} (step {step}/{total}), "
+              f"curves {out / 'curves.png'}")
+        if final:
+            print("val top-1  " + "  ".join(f"{k} {v:.1f}%" for k, v in final.items()))
+            if not cfg.subnet:
+                print("next: python search.py" + (f" --checkpoint {ckpt_path}" if cfg.out != "out" else ""))
+        else:
+            print("next: python train.py --resume")
+    return {"model": model, "checkpoint": ckpt_path, "top1": final, "history": history}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        if f.type is bool:
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default, help=f.metadata["help"])
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (data.DataError, ValueError) as e:  # bad data, checkpoint (CheckpointError) or flags: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
