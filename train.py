@@ -45,7 +45,7 @@ class TrainConfig:
     data: str = field(default="", metadata={"help": "image folder or CIFAR; empty: the built-in set, data/synthetic"})
     space: str = field(default="cpu", metadata={"help": f"search space: {', '.join(SPACES)}"})
     out: str = field(default="out", metadata={"help": "folder for ckpt.pt and curves.png"})
-    epochs: int = field(default=22, metadata={"help": "passes over the training split"})
+    epochs: int = field(default=20, metadata={"help": "passes over the training split"})
     batch_size: int = field(default=64, metadata={"help": "images per step and per process"})
     lr: float = field(default=8e-3, metadata={"help": "peak learning rate at global batch 512 (DeiT's scaling)"})
     min_lr: float = field(default=1e-5, metadata={"help": "final learning rate of the cosine, at batch 512"})
