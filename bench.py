@@ -5,9 +5,15 @@ Sections (pick with --only, comma separated):
   matmul  this machine's matmul peak: a large square matmul in fp32 and in bf16, median of repeats
   train   one supernet training step (forward, cross-entropy backward, AdamW step) with a freshly
           sampled subnet each step, in images/s and as model FLOP utilisation (MFU) against the
-          matmul peak of the same dtype, re-measured between the repeats; tiny space at 224 px batch 8 and at 32 px / patch 4 batch 64,
-          each in fp32 and under torch.autocast("cpu", dtype=torch.bfloat16)
+          matmul peak of the same dtype, re-measured between the repeats; tiny space at 224 px
+          batch 8 and at 32 px / patch 4 batch 64, each in fp32 and under torch.autocast("cpu", dtype=torch.bfloat16)
   memory  peak memory of one fp32 training step of the largest tiny subnet at 224 px, batch 8
+  data    the built-in data set's loader in images/s, and training steps of the default cpu space
+  registers  registers / spills / shared memory of every Triton launch at sm_80 and sm_90 (aot.py)
+  cuda    on a CUDA device only: each Triton op, forward and forward+backward, against the
+          reference and torch.compile of it at the tiny/small/base shapes (N = 197, batch 128, bf16
+          and fp32) next to the device's measured matmul and copy peaks; then the supernet training
+          step in images/s with AUTOFORMER_BACKEND=triton against torch
 
 Every variant, and the official model, runs the same sequence of subnets on the same batch.
 Results are printed as a table and written atomically as JSON to --out (default out/bench.json).
@@ -40,9 +46,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import aot
+import data
+import kernels
 from supernet import SPACES, SearchSpace, Subnet, Supernet, count_flops
 
-SECTIONS = ("matmul", "train", "memory")
+SPACE_NAMES = ("tiny", "small", "base")
+
+SECTIONS = ("matmul", "train", "memory", "data", "registers", "cuda")
 TARGETS = {  # project / official ratios the project aims for (>= for images/s, <= for memory)
     "224px_b8_fp32": 2.5, "224px_b8_bf16": 4.0, "32px_b64_fp32": 1.3, "32px_b64_bf16": 1.3,
     "memory": 0.6,
@@ -262,7 +273,181 @@ def section_memory(cfg, impls, results):
              off and off["rss_before_mib"], None)]
 
 
-SECTION_FNS = {"matmul": section_matmul, "train": section_train, "memory": section_memory}
+def cuda_ms(fn, repeats=20, warmup=3):
+    """Median milliseconds of fn() on the current stream, by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def device_peaks(dtype):
+    """Measured peaks of this device: TFLOP/s of an 8192^3 matmul in `dtype`, GB/s of a 1 GiB copy."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    tflops = 2 * 8192**3 / cuda_ms(lambda: a @ a) / 1e9
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    gbs = 2 * src.numel() / cuda_ms(lambda: dst.copy_(src)) / 1e6  # read + write
+    return tflops, gbs
+
+
+def op_cases(space, batch, dtype):
+    """{op: (work, unit, fn(x...) -> outputs, inputs)} at the largest subnet of `space`; work is FLOPs
+    of the forward (TFLOP/s) or bytes moved (GB/s)."""
+    L = aot.space_layer(space)
+    E, S, hidden, H, D = L["embed_dim"], L["super_dim"], L["hidden"], L["num_heads"], L["head_dim"]
+    N, m, d, M = L["num_tokens"], L["max_rel"], H * D, batch * L["num_tokens"]
+    T = 2 * m + 2
+    dev = dict(device="cuda")
+
+    def act(*shape):
+        return torch.randn(*shape, dtype=dtype, **dev).requires_grad_()
+
+    def par(*shape):
+        return (torch.randn(*shape, **dev) * 0.02).requires_grad_()  # parameters stay fp32, as in training
+
+    x, xd, xh = act(batch, N, E), act(batch, N, d), act(batch, N, hidden)
+    size = torch.finfo(dtype).bits // 8
+    return {
+        "layer_norm": (3 * M * E * size, "GB/s", lambda f, x, w, b: f(x, w, b), [x, par(S), par(S)]),
+        "qkv": (2 * M * E * 3 * d, "TFLOP/s", lambda f, x, w, b: f(x, w, b, H, D), [x, par(3 * d, S), par(3 * d)]),
+        "attention": (4 * batch * H * N * N * D + 8 * batch * H * N * T * D, "TFLOP/s",
+                      lambda f, q, k, v, *t: f(q, k, v, t, m),
+                      [act(batch, H, N, D), act(batch, H, N, D), act(batch, H, N, D)] + [par(T, D) for _ in range(4)]),
+        "proj+residual": (2 * M * d * E, "TFLOP/s", lambda f, x, w, b, r: f(x, w, b, E, False, r),
+                          [xd, par(S, d), par(S), act(batch, N, E)]),
+        "fc1+gelu": (2 * M * E * hidden, "TFLOP/s", lambda f, x, w, b: f(x, w, b, hidden, True),
+                     [x, par(hidden, S), par(hidden)]),
+        "fc2+residual": (2 * M * hidden * E, "TFLOP/s", lambda f, x, w, b, r: f(x, w, b, E, False, r),
+                         [xh, par(S, hidden), par(S), act(batch, N, E)]),
+    }
+
+
+IMPLS = {"layer_norm": ("sliced_layer_norm_triton", "sliced_layer_norm_torch"),
+         "qkv": ("interleaved_qkv_triton", "interleaved_qkv_torch"),
+         "attention": ("relative_attention_triton", "relative_attention_torch")}
+
+
+def section_cuda(cfg, impls, results, batch=128):
+    """Each Triton op against the reference and torch.compile of it, then the training step, on CUDA."""
+    if not torch.cuda.is_available():
+        print("  skipped: no CUDA device")
+        return []
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        tflops_peak, gbs_peak = device_peaks(dtype)
+        print(f"{torch.cuda.get_device_name()} {str(dtype)[6:]}: matmul {tflops_peak:.0f} TFLOP/s, copy {gbs_peak:.0f} GB/s")
+        for name in SPACE_NAMES:
+            for op, (work, unit, call, inputs) in op_cases(SPACES[name], batch, dtype).items():
+                tri, ref = (getattr(kernels, f) for f in IMPLS.get(op, ("sliced_linear_triton", "sliced_linear_torch")))
+                variants = {"triton": tri, "torch": ref, "torch.compile": torch.compile(ref)}
+                for impl, f in variants.items():
+                    for mode, factor in (("fwd", 1), ("fwd+bwd", 3 if unit == "TFLOP/s" else 2.5)):
+                        def step():
+                            out = call(f, *inputs)
+                            if mode == "fwd+bwd":
+                                outs = out if isinstance(out, tuple) else (out,)
+                                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                ms = cuda_ms(step)
+                        else:
+                            ms = cuda_ms(step)
+                        rate = factor * work / ms / (1e9 if unit == "TFLOP/s" else 1e6)
+                        peak = tflops_peak if unit == "TFLOP/s" else gbs_peak
+                        rows.append(dict(space=name, dtype=str(dtype)[6:], op=op, impl=impl, mode=mode, ms=ms,
+                                         rate=rate, unit=unit, of_peak=rate / peak))
+                        print(f"  {name:5s} {op:14s} {mode:8s} {impl:13s} {ms:8.3f} ms {rate:8.1f} {unit:7s} "
+                              f"{100 * rate / peak:5.1f}% of peak")
+    results["kernels_cuda"] = rows
+    results["train_cuda"] = [train_images_per_s(name, batch) for name in SPACE_NAMES]
+    return [(f"train {r['space']} b{batch} bf16 triton/torch (images/s)", r["triton"], None, None)
+            for r in results["train_cuda"]]
+
+
+def train_images_per_s(space_name, batch, steps=10, warmup=3):
+    """Supernet training steps (bf16 autocast, AdamW, one sampled subnet per step, the same
+    sequence for both backends): images/s per backend."""
+    space = SPACES[space_name]
+    out = dict(space=space_name, batch=batch)
+    for backend in ("triton", "torch"):
+        os.environ["AUTOFORMER_BACKEND"] = backend
+        torch.manual_seed(0)
+        model = Supernet(space).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        rng = random.Random(0)
+        images = torch.randn(batch, 3, space.img_size, space.img_size, device="cuda")
+        labels = torch.randint(0, space.num_classes, (batch,), device="cuda")
+        subnets = [space.sample(rng) for _ in range(warmup + steps)]
+
+        def step(subnet):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(images, subnet), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for subnet in subnets[:warmup]:
+            step(subnet)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for subnet in subnets[warmup:]:
+            step(subnet)
+        end.record()
+        torch.cuda.synchronize()
+        out[backend] = batch * steps / (start.elapsed_time(end) / 1e3)
+    os.environ.pop("AUTOFORMER_BACKEND")
+    print(f"train step {space_name}: triton {out['triton']:.0f} images/s, torch {out['torch']:.0f} images/s")
+    return out
+
+
+def section_registers(cfg, impls, results):
+    """Registers, spills and shared memory of every kernel launch, compiled ahead of time (aot.py)."""
+    if kernels.INTERPRETED:
+        print("  skipped: TRITON_INTERPRET is set, the ahead-of-time compile needs it unset")
+        return []
+    rows = aot.register_table([aot.space_layer(SPACES[name]) for name in SPACE_NAMES], archs=(80, 90))
+    for r in rows:
+        print(f"  {r['kernel']:28s} {r['dtype']:9s} sm_{r['arch']!s:3s} {r['registers']:4d} regs "
+              f"{r['spill_bytes']:7d} B spilled {r['shared_bytes']:7d} B shared")
+    results["registers"] = rows
+    return []
+
+
+def section_data(cfg, impls, results):
+    """The built-in data set's loader in images/s, and the training step of the default cpu space."""
+    dataset = data.load_dataset(data.ensure_synthetic("data/synthetic"), verify=False)
+    loaders = data.build_loaders(dataset, image_size=32, batch_size=64, hflip=False)
+    loader_rate = data.measure_throughput(loaders.train)
+    space, rng = SPACES["cpu"], random.Random(cfg.seed)
+    x, y = make_batch(space, 64, cfg.seed)
+    impl = impls[0]  # the project
+    rows = [("data loader, built-in set (images/s)", loader_rate, None, None)]
+    results["data"] = {"loader_images_per_s": loader_rate}
+    for bf16 in (False, True):
+        model, opt = build_trainer(impl, space, cfg.seed)
+        subnets = [space.sample(rng) for _ in range(cfg.warmup + 4 * cfg.steps)]
+        for s in subnets[:cfg.warmup]:
+            train_step(impl, model, opt, x, y, s, bf16)
+        t = time.perf_counter()
+        for s in subnets[cfg.warmup:]:
+            train_step(impl, model, opt, x, y, s, bf16)
+        rate = 64 * (len(subnets) - cfg.warmup) / (time.perf_counter() - t)
+        label = f"train cpu space b64 {'bf16' if bf16 else 'fp32'} (images/s)"
+        results["data"][label] = rate
+        rows.append((label, rate, None, None))
+    return rows
+
+
+SECTION_FNS = {"matmul": section_matmul, "train": section_train, "memory": section_memory,
+               "data": section_data, "registers": section_registers, "cuda": section_cuda}
 
 
 def print_table(rows):
