@@ -9,14 +9,15 @@ Triton's compiler internals that kernels.py and attention.py should not carry.
 Triton's interpreter accepts programs that a GPU compiler rejects (a dot smaller than 16, an
 unsupported layout), so the tests also compile every launch of the wrappers for real targets.
 The launches are *recorded* from the wrappers themselves (so the block sizes and constexprs are
-the ones they really use, from the one table attention.CONFIGS), then compiled as the JIT would,
+the ones they really use, from the one table launch.CONFIGS), then compiled as the JIT would,
 with the same argument specialization. This needs @triton.jit kernels, i.e. a process where
 TRITON_INTERPRET is unset.
 
     python aot.py                         # the table for the tiny, small and base spaces, sm_80 and sm_90
     python aot.py --spaces tiny --archs 90
 
-Imports run one way: aot.py -> kernels.py -> attention.py (and supernet.py for the spaces, in main).
+Imports run one way: aot.py -> kernels.py -> attention.py -> launch.py (and supernet.py for the spaces,
+in main).
 """
 import argparse
 import os
@@ -27,22 +28,21 @@ import tempfile
 import torch
 import triton
 
-import attention
 import kernels
+import launch
 from attention import RelativeAttention
 from kernels import InterleavedQKV, SlicedLayerNorm, SlicedLinear
 
 
 def record_launches(run):
     """Call run() with every kernel launch recorded instead of executed: [(kernel, args, meta)].
-    Both Triton files launch through their own name `_launch` (kernels.py imports attention.py's),
-    so the recorder goes into both."""
-    calls, saved = [], (kernels._launch, attention._launch)
-    kernels._launch = attention._launch = lambda kernel, grid, *args, **meta: calls.append((kernel, args, meta))
+    Both Triton files launch through launch.run, so the recorder goes there."""
+    calls, saved = [], launch.run
+    launch.run = lambda kernel, grid, *args, **meta: calls.append((kernel, args, meta))
     try:
         run()
     finally:
-        kernels._launch, attention._launch = saved
+        launch.run = saved
     return calls
 
 
@@ -140,7 +140,7 @@ def main():
     parser.add_argument("--spaces", nargs="+", default=["tiny", "small", "base"], choices=sorted(SPACES))
     parser.add_argument("--archs", nargs="+", type=int, default=[80, 90])
     args = parser.parse_args()
-    if kernels.INTERPRETED:
+    if launch.INTERPRETED:
         parser.exit(1, "aot.py: TRITON_INTERPRET is set; the compile needs @triton.jit kernels\n")
     rows = register_table([space_layer(SPACES[name]) for name in args.spaces], archs=args.archs)
     print(f"{'kernel':28s} {'dtype':9s} {'arch':6s} {'constexprs':44s} {'regs':>4s} {'spill B':>7s} {'smem B':>7s}")

@@ -2,18 +2,19 @@
 fused Triton kernels.
 
 The relative position is the paper's (Shaw et al. style, on keys and values), computed without ever
-building the N x N x D tensors of the official code: a table lookup commutes with a dot product, so
-the key term is q @ table^T (N x T per head, T = 2 * max_relative_position + 2 buckets) gathered by
-bucket, and the value term is the probability mass per bucket times the table. Token t >= 1 is
-patch t - 1 of a G x G grid, token 0 is cls; `relative_buckets`, `grid_to_tokens` and
-`tokens_to_grid` are the reference's index maps, `relative_attention_torch` the reference itself.
+building the N x N x D tensors of the official code. A table lookup commutes with a dot product, and
+a key's lookups depend on its grid row and column only: key j sits in a *slot* per table (0 for cls,
+1 + r for grid line r), and query i maps each slot to a *bucket*, the clipped distance between the
+lines. So the key term is q @ table^T (T = 2 * max_relative_position + 2 buckets) looked up per slot,
+and the value term is the probability mass per slot, re-binned into buckets, times the table.
+`slot_buckets` and `key_slots` are these index maps; `relative_attention_torch`, the reference,
+spreads the per-slot terms over the keys with a one-hot matrix inside the attention's own matrix
+products.
 
 `relative_attention_triton` is flash attention (online softmax over key tiles, no N x N matrix in
-memory) with the reference's algorithm for the relative terms. A key's *slot* is 0 for cls and
-1 + r for a key on grid line r; the tables are indexed by *bucket*, the clipped distance between
-the query's line and the key's. Per query tile the kernel turns buckets into slots once; per key
-tile, everything relative is then a small tensor-core dot with a one-hot (BLOCK_N, G_PAD) matrix of
-the keys' slots, which depends on the keys only:
+memory) with the same algorithm. Per query tile the kernel turns buckets into slots once; per key
+tile, everything relative is then a small tensor-core dot with the one-hot (BLOCK_N, G_PAD) matrix
+of the keys' slots:
   key term:   q_rows = q @ key_rows^T, (BLOCK_M, T) per bucket, gathered into (BLOCK_M, G_PAD)
               per slot; the logits get q_rows @ onehot_rows^T (+ the same for columns).
   value term: p @ onehot_rows sums p per slot; after the last tile the slots are re-binned into
@@ -22,12 +23,9 @@ The backward recomputes p from the saved log-sum-exp, flash-attention-2 style: o
 query tile (dq, the per-bucket sums that give the table gradients, and Delta = rowsum(dO * O)),
 then one per key tile (dk, dv).
 
-Imports run one way: aot.py -> kernels.py -> attention.py, which imports only torch and triton.
-kernels.relative_attention picks one of the two implementations here (kernels.use_triton is the
-only backend switch). Being the ground floor, this file also holds the launch plumbing that both
-Triton files share: the launch table CONFIGS, the output/launch/gradient helpers, the dot
-precision and autocast picks (their rules are written out under "Precision" and "Autocast" in
-kernels.py) and the interpreter's bf16 fix with INTERPRETED.
+Imports run one way: aot.py -> kernels.py -> attention.py -> launch.py (the launch plumbing both
+Triton files share). kernels.relative_attention picks one of the two implementations here
+(kernels.use_triton is the only backend switch).
 """
 import functools
 import math
@@ -37,74 +35,23 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
-# --- Launch plumbing shared with kernels.py ------------------------------------------------------
-
-
-# Every launch's block sizes, warps and stages, by kernel: the one table that the wrappers here and
-# in kernels.py read, so aot.py compiles exactly these configurations.
-CONFIGS = {
-    "_matmul_fwd_kernel": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-    "_matmul_bwd_dx_kernel": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, num_warps=8, num_stages=3),
-    "_matmul_bwd_dw_kernel": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-    "_layer_norm_fwd_kernel": dict(BLOCK_ROWS=4, num_warps=4),
-    "_layer_norm_bwd_kernel": dict(BLOCK_ROWS=4, ROWS_PER_PROGRAM=64, num_warps=4),
-    "_attention_fwd_kernel": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-    "_attention_bwd_dq_kernel": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-    "_attention_bwd_dkdv_kernel": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-}
-
-
-def _new_output(shape, dtype, device):
-    """torch.empty for every buffer a kernel fills; the tests swap in a NaN-filled version (here and
-    in kernels.py, which imports it), so an element that a kernel forgets to write fails them."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _launch(kernel, grid, *args, **meta):
-    """kernel[grid](*args, **meta); aot.py swaps in a recorder (here and in kernels.py)."""
-    kernel[grid](*args, **meta)
-
-
-def _block_grad(param, *sizes):
-    """The gradient of a super parameter whose leading block `sizes` a kernel will write: zero elsewhere."""
-    grad = _new_output(param.shape, param.dtype, param.device)
-    if len(sizes) == 2:
-        grad[: sizes[0], sizes[1]:].zero_()
-    grad[sizes[0]:].zero_()
-    return grad
-
-
-def _dot_precision(dtype):
-    """tl.dot's input_precision: see "Precision" in kernels.py."""
-    if dtype != torch.float32:
-        return "ieee"  # ignored: bf16 and fp16 tiles are exact tensor-core inputs
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def _autocast_dtype(x):
-    """The dtype a matmul op computes in: the autocast dtype inside torch.autocast, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def _pow2(n):
-    """The power-of-two block covering n, at least 16 (tl.dot's smallest dimension)."""
-    return max(16, triton.next_power_of_2(n))
+import launch
 
 
 # --- The reference: plain PyTorch ----------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
-def relative_buckets(num_tokens, max_relative_position, device):
-    """Relative-position buckets from every query token to every key *grid row* and *grid column*.
+def slot_buckets(num_tokens, max_relative_position, device):
+    """The relative-position bucket of every (query token, key slot) pair: (N, 2 * (1 + G)) int64.
 
-    Returns (rows, cols), each (N, 1 + G) int64 for N = 1 + G * G tokens: rows[i, 1 + r] is the bucket
-    of the row distance r - row(i) (clipped to +-max_relative_position, shifted by
-    max_relative_position + 1), cols likewise for columns. Slot 0 stands for the cls key, and the cls
-    query's whole line is 0: any pair involving the cls token uses bucket 0, as in the official code.
+    N = 1 + G * G tokens: token 0 is cls, token 1 + G * r + c the patch on grid row r, column c. The
+    keys' slots come in two halves, by row and by column: slot 0 of a half is the cls key, slot 1 + r
+    the keys on grid row (or column) r. Buckets index the two tables stacked, (2T, D) with
+    T = 2 * max_relative_position + 2: row distances r - row(i) in the first T, column distances in
+    the second, each clipped to +-max_relative_position and shifted by max_relative_position + 1.
+    Any pair involving the cls token (the cls query's whole line, every query's slot 0) uses
+    bucket 0 of each table, as in the official code.
     """
     grid = math.isqrt(num_tokens - 1)
     if grid * grid != num_tokens - 1:
@@ -113,26 +60,21 @@ def relative_buckets(num_tokens, max_relative_position, device):
     m = max_relative_position
     rows = (line[None, :] - line.repeat_interleave(grid)[:, None]).clamp(-m, m) + m + 1  # (G*G, G)
     cols = (line[None, :] - line.repeat(grid)[:, None]).clamp(-m, m) + m + 1  # (G*G, G)
-    return F.pad(rows, (1, 0, 1, 0)), F.pad(cols, (1, 0, 1, 0))  # (N, 1 + G) each
+    rows, cols = F.pad(rows, (1, 0, 1, 0)), F.pad(cols, (1, 0, 1, 0))  # (N, 1 + G) each
+    return torch.cat([rows, cols + 2 * m + 2], -1)  # (N, 2(1+G))
 
 
-def grid_to_tokens(row_term, col_term):
-    """Spread per-(query, key row) and per-(query, key column) terms over all N keys.
+@functools.lru_cache(maxsize=None)
+def key_slots(num_tokens, device):
+    """The one-hot (N, 2 * (1 + G)) matrix of every key's two slots (see slot_buckets).
 
-    (..., N, 1 + G) twice -> (..., N, N): key 0 (cls) gets slot 0 of both, patch key (r, c) gets
-    row_term[1 + r] + col_term[1 + c].
+    A per-slot term of query i spreads over the keys as term_i @ key_slots.T, and the probability
+    mass of query i per slot is p_i @ key_slots.
     """
-    cls = row_term[..., :1] + col_term[..., :1]  # (..., N, 1)
-    patches = row_term[..., 1:, None] + col_term[..., None, 1:]  # (..., N, G, G)
-    return torch.cat([cls, patches.flatten(-2)], dim=-1)  # (..., N, N)
-
-
-def tokens_to_grid(p):
-    """The adjoint of grid_to_tokens: sum (..., N, N) over each key row and each key column."""
-    grid = math.isqrt(p.shape[-1] - 1)
-    patches = p[..., 1:].unflatten(-1, (grid, grid))  # (..., N, G, G)
-    cls = p[..., :1]
-    return torch.cat([cls, patches.sum(-1)], -1), torch.cat([cls, patches.sum(-2)], -1)  # (..., N, 1+G)
+    grid = math.isqrt(num_tokens - 1)
+    line = torch.arange(grid, device=device) + 1
+    row_slot, col_slot = F.pad(line.repeat_interleave(grid), (1, 0)), F.pad(line.repeat(grid), (1, 0))  # (N,)
+    return torch.cat([F.one_hot(row_slot, grid + 1), F.one_hot(col_slot, grid + 1)], -1)  # (N, 2(1+G))
 
 
 def relative_attention_torch(q, k, v, tables, max_relative_position):
@@ -143,24 +85,33 @@ def relative_attention_torch(q, k, v, tables, max_relative_position):
     D columns are used. With Rk[i, j] = key_rows[row bucket] + key_cols[column bucket] (Rv likewise):
         p = softmax(D^-0.5 * (q_i . k_j + q_i . Rk[i, j])),   out_i = sum_j p_ij (v_j + Rv[i, j]).
     Returns (B, N, heads * D), heads merged.
+
+    The per-slot terms ride along the ordinary attention as extra features, so every step over
+    N x N is a matrix product or the softmax (separate element-wise passes over N x N are what cost
+    on a CPU, in bf16 most of all):
+        logits = [q | key term per slot] @ [k | key_slots]^T,   [out | mass per slot] = p @ [v | key_slots]
     """
     B, H, N, D = q.shape
-    key_rows, key_cols, value_rows, value_cols = (t[:, :D] for t in tables)
-    rows, cols = relative_buckets(N, max_relative_position, q.device)
-    rows, cols = rows.expand(B, H, -1, -1), cols.expand(B, H, -1, -1)  # (B, H, N, 1+G)
+    key_tables = torch.cat([t[:, :D] for t in tables[:2]])  # (2T, D): by row, then by column
+    value_tables = torch.cat([t[:, :D] for t in tables[2:]])  # (2T, D)
+    buckets = slot_buckets(N, max_relative_position, q.device)  # (N, S), S = 2(1+G) slots
+    S, T2 = buckets.shape[1], key_tables.shape[0]
+    slots = key_slots(N, q.device).to(q.dtype).expand(B, H, N, S)
 
-    q = q * D**-0.5  # the scale is the head dim's, whatever the embed dim
-    # q . Rk[i, j] = q . key_rows[bucket] + q . key_cols[bucket]: dot with every bucket, then look up.
-    row_term = (q @ key_rows.t()).gather(-1, rows)  # (B, H, N, 1+G)
-    col_term = (q @ key_cols.t()).gather(-1, cols)  # (B, H, N, 1+G)
-    p = (q @ k.transpose(-2, -1) + grid_to_tokens(row_term, col_term)).softmax(dim=-1)  # (B, H, N, N)
+    q = q.contiguous() * D**-0.5  # the scale is the head dim's, whatever the embed dim
+    # q . Rk[i, j] = sum over the two halves of q . table[bucket]: dot with every bucket, then look up
+    # query i's buckets (index_select, not gather: its backward keeps the index, not the input).
+    by_bucket = (q @ key_tables.t()).view(B, H, N * T2)  # (B, H, N * 2T)
+    query_offsets = torch.arange(0, N * T2, T2, device=q.device)[:, None]  # (N, 1)
+    key_term = by_bucket.index_select(-1, (buckets + query_offsets).flatten()).view(B, H, N, S)
+    logits = torch.cat([q, key_term], -1) @ torch.cat([k, slots], -1).transpose(-2, -1)  # (B, H, N, N)
+    p = logits.softmax(dim=-1)
 
-    # sum_j p_ij Rv[i, j] = (mass of p_i per row bucket) @ value_rows + (per column bucket) @ value_cols.
-    row_mass, col_mass = tokens_to_grid(p)  # (B, H, N, 1+G) each
-    buckets = value_rows.shape[0]
-    row_mass = p.new_zeros(B, H, N, buckets).scatter_add(-1, rows, row_mass)  # (B, H, N, T)
-    col_mass = p.new_zeros(B, H, N, buckets).scatter_add(-1, cols, col_mass)  # (B, H, N, T)
-    out = p @ v + row_mass @ value_rows + col_mass @ value_cols  # (B, H, N, D)
+    # sum_j p_ij Rv[i, j] = (mass of p_i per bucket) @ the value tables; the mass per slot comes out of
+    # the same product as p @ v, and query i's slots add into its buckets (clipped ones share one).
+    out, slot_mass = (p @ torch.cat([v, slots], -1)).split([D, S], -1)  # (B, H, N, D), (B, H, N, S)
+    mass = slot_mass.new_zeros(B, H, N, T2).scatter_add(-1, buckets.expand(B, H, N, S), slot_mass)  # (B, H, N, 2T)
+    out = out + mass @ value_tables  # (B, H, N, D)
     return out.transpose(1, 2).reshape(B, N, H * D)  # (B, N, heads * D)
 
 
@@ -439,8 +390,8 @@ def _attention_bwd_dkdv_kernel(
 
 
 def _attention_meta(kernel, q, G, max_rel):
-    return dict(T_PAD=_pow2(2 * max_rel + 2), G_PAD=_pow2(G + 1), BLOCK_D=_pow2(q.shape[-1]),
-                DOT_PRECISION=_dot_precision(q.dtype), **CONFIGS[kernel])
+    return dict(T_PAD=launch.pow2(2 * max_rel + 2), G_PAD=launch.pow2(G + 1), BLOCK_D=launch.pow2(q.shape[-1]),
+                DOT_PRECISION=launch.dot_precision(q.dtype), **launch.CONFIGS[kernel])
 
 
 class RelativeAttention(torch.autograd.Function):
@@ -449,10 +400,10 @@ class RelativeAttention(torch.autograd.Function):
         B, H, N, D = q.shape
         G = math.isqrt(N - 1)
         meta = _attention_meta("_attention_fwd_kernel", q, G, max_rel)
-        out = _new_output((B, N, H * D), q.dtype, q.device)
-        lse = _new_output((B * H, N), torch.float32, q.device)
+        out = launch.new_output((B, N, H * D), q.dtype, q.device)
+        lse = launch.new_output((B * H, N), torch.float32, q.device)
         grid = (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-        _launch(_attention_fwd_kernel, grid, q, k, v, key_rows, key_cols, value_rows, value_cols, out, lse,
+        launch.run(_attention_fwd_kernel, grid, q, k, v, key_rows, key_cols, value_rows, value_cols, out, lse,
                 H, N, G, D, max_rel, D**-0.5, *q.stride(), key_rows.stride(0), **meta)
         ctx.save_for_backward(q, k, v, key_rows, key_cols, value_rows, value_cols, out, lse)
         ctx.max_rel = max_rel
@@ -465,23 +416,23 @@ class RelativeAttention(torch.autograd.Function):
         max_rel, dout = ctx.max_rel, dout.contiguous()  # (B, N, H * D)
         G = math.isqrt(N - 1)
         meta = _attention_meta("_attention_bwd_dq_kernel", q, G, max_rel)
-        dq, dk, dv = (_new_output((B, H, N, D), q.dtype, q.device) for _ in range(3))
-        delta = _new_output((B * H, N), torch.float32, q.device)
-        slots = _new_output((4, B * H, N, meta["G_PAD"]), torch.float32, q.device)
+        dq, dk, dv = (launch.new_output((B, H, N, D), q.dtype, q.device) for _ in range(3))
+        delta = launch.new_output((B * H, N), torch.float32, q.device)
+        slots = launch.new_output((4, B * H, N, meta["G_PAD"]), torch.float32, q.device)
         grid = (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-        dtab = _new_output((grid[0] * grid[1], 4, meta["T_PAD"], meta["BLOCK_D"]), torch.float32, q.device)
-        _launch(_attention_bwd_dq_kernel, grid, q, k, v, key_rows, key_cols, value_rows, value_cols, out, dout,
+        dtab = launch.new_output((grid[0] * grid[1], 4, meta["T_PAD"], meta["BLOCK_D"]), torch.float32, q.device)
+        launch.run(_attention_bwd_dq_kernel, grid, q, k, v, key_rows, key_cols, value_rows, value_cols, out, dout,
                 lse, dq, delta, slots, dtab, H, N, G, D, max_rel, D**-0.5, *q.stride(), key_rows.stride(0), **meta)
         meta = _attention_meta("_attention_bwd_dkdv_kernel", q, G, max_rel)
         del meta["T_PAD"]  # the dk/dv kernel reads per-slot dots only
         grid = (triton.cdiv(N, meta["BLOCK_N"]), B * H)
-        _launch(_attention_bwd_dkdv_kernel, grid, q, k, v, dout, lse, delta, slots, dk, dv,
+        launch.run(_attention_bwd_dkdv_kernel, grid, q, k, v, dout, lse, delta, slots, dk, dv,
                 H, N, G, D, D**-0.5, *q.stride(), **meta)
         T = 2 * max_rel + 2
         dtab = dtab.sum(0)[:, :T, :D]  # (4, T, D): the query tiles' shares, summed
         grads = []
         for table, grad in zip((key_rows, key_cols, value_rows, value_cols), dtab):
-            g = _block_grad(table, T, D)
+            g = launch.block_grad(table, T, D)
             g[:, :D] = grad
             grads.append(g)
         return dq, dk, dv, *grads, None
@@ -497,7 +448,7 @@ def relative_attention_triton(q, k, v, tables, max_relative_position):
         raise ValueError(f"relative position needs 1 + G*G tokens on a square grid, got {N}")
     if any(t.shape[0] != T or t.shape[1] < D for t in tables):
         raise ValueError(f"tables {[tuple(t.shape) for t in tables]} do not fit {T} buckets and head dim {D}")
-    dtype = _autocast_dtype(q)
+    dtype = launch.autocast_dtype(q)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     if not (q.stride() == k.stride() == v.stride()):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -505,16 +456,3 @@ def relative_attention_triton(q, k, v, tables, max_relative_position):
     if len({t.stride(0) for t in tables}) > 1:
         raise ValueError("the four relative-position tables need the same super head dim")
     return RelativeAttention.apply(q, k, v, *tables, max_relative_position)
-
-
-# Triton 3.9's interpreter multiplies the raw uint16 bit patterns of bf16 tiles in tl.dot; convert
-# them to fp32 first (exact: a bf16 product fits in fp32), so bf16 runs correctly on the CPU.
-INTERPRETED = not isinstance(_attention_fwd_kernel, triton.runtime.JITFunction)
-if INTERPRETED:
-    from triton.runtime.interpreter import InterpreterBuilder
-
-    def _interpreter_dot(self, a, b, d, *args, _dot=InterpreterBuilder.create_dot):
-        a, b = (self.cast_impl(t, tl.float32) if t.dtype.scalar == tl.bfloat16 else t for t in (a, b))
-        return _dot(self, a, b, d, *args)
-
-    InterpreterBuilder.create_dot = _interpreter_dot

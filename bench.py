@@ -49,6 +49,7 @@ import torch.nn.functional as F
 import aot
 import data
 import kernels
+import launch
 from supernet import SPACES, SearchSpace, Subnet, Supernet, count_flops
 
 SPACE_NAMES = ("tiny", "small", "base")
@@ -410,7 +411,7 @@ def train_images_per_s(space_name, batch, steps=10, warmup=3):
 
 def section_registers(cfg, impls, results):
     """Registers, spills and shared memory of every kernel launch, compiled ahead of time (aot.py)."""
-    if kernels.INTERPRETED:
+    if launch.INTERPRETED:
         print("  skipped: TRITON_INTERPRET is set, the ahead-of-time compile needs it unset")
         return []
     rows = aot.register_table([aot.space_layer(SPACES[name]) for name in SPACE_NAMES], archs=(80, 90))

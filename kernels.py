@@ -9,13 +9,13 @@ subnet lands on exactly the entries it used.
 Each op exists twice. `*_torch` is the reference, plain PyTorch slicing. `*_triton` runs Triton
 kernels, forward and backward, that read the leading block of a super weight in place through
 its strides and masks (no slice copies, no regrouped qkv rows). The public names (`sliced_linear`,
-`sliced_layer_norm`, `interleaved_qkv`, `relative_attention`) pick one of the two in `use_triton`.
+`sliced_mlp`, `sliced_layer_norm`, `interleaved_qkv`, `relative_attention`) pick one of the two in
+`use_triton`.
 
 The attention with 2-D relative position, its reference and its kernels, lives in attention.py;
-this file only dispatches to it. Imports run one way, aot.py -> kernels.py -> attention.py:
-attention.py is the ground floor and also holds the launch plumbing both Triton files share (the
-launch table CONFIGS, _new_output, _launch, _block_grad, _dot_precision, _autocast_dtype, _pow2,
-INTERPRETED). aot.py compiles every launch ahead of time and reports registers and spills.
+this file only dispatches to it. Imports run one way, aot.py -> kernels.py -> attention.py ->
+launch.py, the launch plumbing that both Triton files share (and the precision and autocast rules
+of every kernel). aot.py compiles every launch ahead of time and reports registers and spills.
 """
 import math
 import os
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attention import (CONFIGS, INTERPRETED, _autocast_dtype, _block_grad, _dot_precision, _launch, _new_output,
-                       _pow2, relative_attention_torch, relative_attention_triton)
+import launch
+from attention import relative_attention_torch, relative_attention_triton
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -41,7 +41,7 @@ def use_triton(x):
         raise ValueError(f"AUTOFORMER_BACKEND={backend!r}: choose one of {BACKENDS}")
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return False
-    if not x.is_cuda and not INTERPRETED:
+    if not x.is_cuda and not launch.INTERPRETED:
         raise RuntimeError("AUTOFORMER_BACKEND=triton on CPU tensors needs Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before triton is first imported")
     return True
@@ -52,6 +52,13 @@ def sliced_linear(x, weight, bias, out_features, gelu=False, residual=None):
     if use_triton(x):
         return sliced_linear_triton(x, weight, bias, out_features, gelu, residual)
     return sliced_linear_torch(x, weight, bias, out_features, gelu, residual)
+
+
+def sliced_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, residual=None):
+    """fc2(gelu(fc1(x))) (+ residual): E = x.shape[-1] -> hidden -> E, each layer its leading block."""
+    if use_triton(x):
+        return sliced_mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, residual)
+    return sliced_mlp_torch(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, residual)
 
 
 def sliced_layer_norm(x, weight, bias):
@@ -91,6 +98,33 @@ def sliced_linear_torch(x, weight, bias, out_features, gelu=False, residual=None
     return y if residual is None else residual + y
 
 
+class GeluLinear(torch.autograd.Function):
+    """F.linear(F.gelu(h), weight, bias) that saves h but not gelu(h): the backward recomputes the
+    GELU, so the MLP keeps one (B, N, hidden) activation per layer instead of two (the largest
+    saved tensors of a training step) at no measurable cost in time."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h), weight, bias)  # under autocast, in its dtype like any F.linear
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight = ctx.saved_tensors
+        a = F.gelu(h)  # (..., hidden), recomputed
+        dy2, a2 = dy.reshape(-1, dy.shape[-1]), a.reshape(-1, a.shape[-1])  # (M, E), (M, hidden)
+        dh = torch.ops.aten.gelu_backward(dy @ weight.to(dy.dtype), h)
+        return dh, (dy2.t() @ a2).to(weight.dtype), dy2.sum(0).to(weight.dtype)
+
+
+def sliced_mlp_torch(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, residual=None):
+    """fc2(gelu(fc1(x))) (+ residual): E = x.shape[-1] -> hidden -> E, each layer its leading block."""
+    E = x.shape[-1]
+    h = F.linear(x, fc1_weight[:hidden, :E], fc1_bias[:hidden])  # (..., hidden), before the GELU
+    y = GeluLinear.apply(h, fc2_weight[:E, :hidden], fc2_bias[:E])
+    return y if residual is None else residual + y
+
+
 def sliced_layer_norm_torch(x, weight, bias):
     """LayerNorm over the E = x.shape[-1] active channels, with weight[:E] and bias[:E]."""
     E = x.shape[-1]
@@ -107,31 +141,17 @@ def interleaved_qkv_torch(x, weight, bias, num_heads, head_dim):
     """
     B, N, E = x.shape
     d = num_heads * head_dim
-    y = F.linear(x, weight[: 3 * d, :E])  # (B, N, 3d), channel 3j+t is unit j of q/k/v (t=0/1/2)
-    y = y.view(B, N, d, 3) + bias[: 3 * d].view(3, d).t()  # (B, N, d, 3)
-    y = y.view(B, N, num_heads, head_dim, 3).permute(4, 0, 2, 1, 3)  # (3, B, heads, N, D)
-    return y.contiguous().unbind(0)  # one copy for all three, then contiguous views
+    # Regroup the (small) weight rows rather than the (large) output: rows 3j + t -> t * d + j.
+    w = weight[: 3 * d, :E].view(d, 3, E).transpose(0, 1).reshape(3 * d, E)  # (3d, E): [q; k; v]
+    y = F.linear(x, w, bias[: 3 * d])  # (B, N, 3d): [q | k | v]
+    y = y.view(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, D)
+    return y.unbind(0)  # views: the attention copies its operands anyway
 
 
 # ------------------------------------------------------------------------------------------------
 # The Triton kernels.
 #
-# Precision. Kernels load any of fp32, bf16, fp16, compute statistics, softmax and every
-# accumulation in fp32, and store in the input's dtype. On a GPU, tl.dot of two fp32 tiles runs on
-# the tensor cores in tf32 (10-bit mantissa) unless input_precision says otherwise. We follow
-# PyTorch's own switch (_dot_precision, in attention.py): fp32 dots are "tf32x3" under torch's
-# default float32 matmul precision "highest" (three tf32 tensor-core products per dot, about fp32
-# accuracy, not bit-identical to the reference), and "tf32" after torch.set_float32_matmul_precision
-# ("high") or ("medium"). bf16 and fp16 tiles use the tensor cores either way. (Triton's interpreter
-# ignores input_precision: its dots are plain fp32 NumPy matmuls.)
-#
-# Autocast. Under torch.autocast the matmul ops (linear, qkv, attention) cast their activations to
-# the autocast dtype, as autocast does for F.linear; the *parameters* are cast tile by tile inside
-# the kernels, so no bf16 copy of a super weight is ever made, and their gradients come back in the
-# parameters' own dtype. A fused residual keeps its dtype (fp32 residual + bf16 branch -> fp32, as
-# the reference's type promotion). LayerNorm computes in fp32 and returns its input's dtype.
-#
-# The launch table CONFIGS and the helpers that read it live in attention.py (see the docstring).
+# Precision and autocast: the rules are written out in launch.py.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -286,7 +306,7 @@ def _matmul_bwd_dw_kernel(
 
 
 def _matmul_meta(kernel, x, QKV, GELU, head_dim):
-    return dict(QKV=QKV, GELU=GELU, HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(x.dtype), **CONFIGS[kernel])
+    return dict(QKV=QKV, GELU=GELU, HEAD_DIM=head_dim, DOT_PRECISION=launch.dot_precision(x.dtype), **launch.CONFIGS[kernel])
 
 
 def _matmul_forward(x, weight, bias, n_out, gelu, residual, qkv_shape=None):
@@ -296,13 +316,13 @@ def _matmul_forward(x, weight, bias, n_out, gelu, residual, qkv_shape=None):
     if weight.shape[0] < n_out or weight.shape[1] < K or bias.shape[0] < n_out:
         raise ValueError(f"a ({n_out}, {K}) block does not fit the super weight {tuple(weight.shape)}")
     y_dtype = residual.dtype if residual is not None else x.dtype
-    y = _new_output((3, *qkv_shape) if qkv_shape else (M, n_out), y_dtype, x.device)
-    z = _new_output((M, n_out), x.dtype, x.device) if gelu else y
+    y = launch.new_output((3, *qkv_shape) if qkv_shape else (M, n_out), y_dtype, x.device)
+    z = launch.new_output((M, n_out), x.dtype, x.device) if gelu else y
     r = residual if residual is not None else y
     meta = _matmul_meta("_matmul_fwd_kernel", x, qkv_shape is not None, gelu, qkv_shape[3] if qkv_shape else 1)
     yq, yk, yv = (y[0], y[1], y[2]) if qkv_shape else (y, y, y)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
-    _launch(_matmul_fwd_kernel, grid, x, weight, bias, r, z, yq, yk, yv, M, K, n_out,
+    launch.run(_matmul_fwd_kernel, grid, x, weight, bias, r, z, yq, yk, yv, M, K, n_out,
             qkv_shape[2] if qkv_shape else 1, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             RESIDUAL=residual is not None, **meta)
     return y, (z if gelu else None)
@@ -313,15 +333,15 @@ def _matmul_backward(dys, z, x, weight, bias, n_out, qkv_shape=None):
     M, K = x.shape
     dys = [dy.contiguous() for dy in dys] * (3 if len(dys) == 1 else 1)
     gelu, n_tokens, head_dim = z is not None, qkv_shape[2] if qkv_shape else 1, qkv_shape[3] if qkv_shape else 1
-    dx = _new_output((M, K), x.dtype, x.device)
+    dx = launch.new_output((M, K), x.dtype, x.device)
     meta = _matmul_meta("_matmul_bwd_dx_kernel", x, qkv_shape is not None, gelu, head_dim)
     grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
-    _launch(_matmul_bwd_dx_kernel, grid, *dys, z if gelu else dx, weight, dx, M, K, n_out, n_tokens,
+    launch.run(_matmul_bwd_dx_kernel, grid, *dys, z if gelu else dx, weight, dx, M, K, n_out, n_tokens,
             weight.stride(0), weight.stride(1), **meta)
-    dw, db = _block_grad(weight, n_out, K), _block_grad(bias, n_out)
+    dw, db = launch.block_grad(weight, n_out, K), launch.block_grad(bias, n_out)
     meta = _matmul_meta("_matmul_bwd_dw_kernel", x, qkv_shape is not None, gelu, head_dim)
     grid = (triton.cdiv(n_out, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
-    _launch(_matmul_bwd_dw_kernel, grid, *dys, z if gelu else dx, x, dw, db, M, K, n_out, n_tokens,
+    launch.run(_matmul_bwd_dw_kernel, grid, *dys, z if gelu else dx, x, dw, db, M, K, n_out, n_tokens,
             x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), **meta)
     return dx, dw, db
 
@@ -345,7 +365,14 @@ class SlicedLinear(torch.autograd.Function):
 
 def sliced_linear_triton(x, weight, bias, out_features, gelu=False, residual=None):
     """sliced_linear_torch in one Triton matmul with bias, GELU and residual fused."""
-    return SlicedLinear.apply(x.to(_autocast_dtype(x)), weight, bias, out_features, gelu, residual)
+    return SlicedLinear.apply(x.to(launch.autocast_dtype(x)), weight, bias, out_features, gelu, residual)
+
+
+def sliced_mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, residual=None):
+    """sliced_mlp_torch in two Triton matmuls: fc1 with bias and GELU fused, fc2 with bias and residual.
+    (It keeps GELU's output for fc2's backward: on a GPU the step's memory is not the bottleneck.)"""
+    h = sliced_linear_triton(x, fc1_weight, fc1_bias, hidden, gelu=True)
+    return sliced_linear_triton(h, fc2_weight, fc2_bias, x.shape[-1], residual=residual)
 
 
 class InterleavedQKV(torch.autograd.Function):
@@ -370,7 +397,7 @@ class InterleavedQKV(torch.autograd.Function):
 def interleaved_qkv_triton(x, weight, bias, num_heads, head_dim):
     """interleaved_qkv_torch in one Triton matmul that reads the interleaved rows 3j + t in place,
     adds the contiguous bias (the official quirk) and stores q, k, v split by head."""
-    return InterleavedQKV.apply(x.to(_autocast_dtype(x)), weight, bias, num_heads, head_dim)
+    return InterleavedQKV.apply(x.to(launch.autocast_dtype(x)), weight, bias, num_heads, head_dim)
 
 
 # --- 3: LayerNorm over the first E channels ------------------------------------------------------
@@ -440,10 +467,10 @@ class SlicedLayerNorm(torch.autograd.Function):
         x2 = x.reshape(-1, E)  # (M, E)
         x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
         M = x2.shape[0]
-        y = _new_output((M, E), x.dtype, x.device)
-        mean, rstd = (_new_output((M,), torch.float32, x.device) for _ in range(2))
-        meta = dict(BLOCK_E=_pow2(E), **CONFIGS["_layer_norm_fwd_kernel"])
-        _launch(_layer_norm_fwd_kernel, (triton.cdiv(M, meta["BLOCK_ROWS"]),), x2, weight, bias, y, mean, rstd,
+        y = launch.new_output((M, E), x.dtype, x.device)
+        mean, rstd = (launch.new_output((M,), torch.float32, x.device) for _ in range(2))
+        meta = dict(BLOCK_E=launch.pow2(E), **launch.CONFIGS["_layer_norm_fwd_kernel"])
+        launch.run(_layer_norm_fwd_kernel, (triton.cdiv(M, meta["BLOCK_ROWS"]),), x2, weight, bias, y, mean, rstd,
                 M, E, x2.stride(0), LAYER_NORM_EPS, **meta)
         ctx.save_for_backward(x2, weight, bias, mean, rstd)  # bias: only for its gradient's shape
         ctx.x_shape = x.shape
@@ -454,13 +481,13 @@ class SlicedLayerNorm(torch.autograd.Function):
         x2, weight, bias, mean, rstd = ctx.saved_tensors
         M, E = x2.shape
         dy = dy.reshape(M, E).contiguous()  # (M, E)
-        meta = dict(BLOCK_E=_pow2(E), **CONFIGS["_layer_norm_bwd_kernel"])
+        meta = dict(BLOCK_E=launch.pow2(E), **launch.CONFIGS["_layer_norm_bwd_kernel"])
         programs = triton.cdiv(M, meta["ROWS_PER_PROGRAM"])
-        dx = _new_output((M, E), x2.dtype, x2.device)
-        dw_part, db_part = (_new_output((programs, E), torch.float32, x2.device) for _ in range(2))
-        _launch(_layer_norm_bwd_kernel, (programs,), dy, x2, weight, mean, rstd, dx, dw_part, db_part,
+        dx = launch.new_output((M, E), x2.dtype, x2.device)
+        dw_part, db_part = (launch.new_output((programs, E), torch.float32, x2.device) for _ in range(2))
+        launch.run(_layer_norm_bwd_kernel, (programs,), dy, x2, weight, mean, rstd, dx, dw_part, db_part,
                 M, E, x2.stride(0), **meta)
-        dw, db = _block_grad(weight, E), _block_grad(bias, E)
+        dw, db = launch.block_grad(weight, E), launch.block_grad(bias, E)
         dw[:E], db[:E] = dw_part.sum(0), db_part.sum(0)  # a few hundred rows of partial sums
         return dx.view(ctx.x_shape), dw, db
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import interleaved_qkv, relative_attention, sliced_layer_norm, sliced_linear
+from kernels import interleaved_qkv, relative_attention, sliced_layer_norm, sliced_linear, sliced_mlp
 
 
 @dataclass(frozen=True)
@@ -221,24 +221,22 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(S, int(S * space.super_mlp_ratio))
         self.fc2 = nn.Linear(int(S * space.super_mlp_ratio), S)
 
-    def residual(self, x, branch_in, layer, **act):
-        """x + drop_path(layer(branch_in)), sliced to x's width; the add is fused when nothing drops."""
-        E = x.shape[-1]
+    def add_branch(self, x, branch):
+        """x + drop_path(branch), where branch(residual) computes the branch and adds `residual` to
+        it: the add is fused into the branch's last op when nothing drops."""
         if self.training and self.drop_path_rate > 0:
-            y = sliced_linear(branch_in, layer.weight, layer.bias, E, **act)
-            return x + drop_path(y, self.drop_path_rate, True)
-        return sliced_linear(branch_in, layer.weight, layer.bias, E, residual=x, **act)
+            return x + drop_path(branch(None), self.drop_path_rate, True)
+        return branch(x)
 
     def forward(self, x, num_heads, hidden):
-        ln = self.attn_layer_norm
-        q, k, v = interleaved_qkv(sliced_layer_norm(x, ln.weight, ln.bias), self.attn.qkv.weight,
-                                  self.attn.qkv.bias, num_heads, self.space.head_dim)
-        heads_out = relative_attention(q, k, v, self.attn.tables(), self.space.max_relative_position)
-        x = self.residual(x, heads_out, self.attn.proj)
-        ln = self.ffn_layer_norm
-        h = sliced_linear(sliced_layer_norm(x, ln.weight, ln.bias), self.fc1.weight, self.fc1.bias,
-                          hidden, gelu=True)
-        return self.residual(x, h, self.fc2)
+        E, ln, attn = x.shape[-1], self.attn_layer_norm, self.attn
+        q, k, v = interleaved_qkv(sliced_layer_norm(x, ln.weight, ln.bias), attn.qkv.weight, attn.qkv.bias,
+                                  num_heads, self.space.head_dim)
+        heads_out = relative_attention(q, k, v, attn.tables(), self.space.max_relative_position)
+        x = self.add_branch(x, lambda res: sliced_linear(heads_out, attn.proj.weight, attn.proj.bias, E, residual=res))
+        x_norm = sliced_layer_norm(x, self.ffn_layer_norm.weight, self.ffn_layer_norm.bias)
+        return self.add_branch(x, lambda res: sliced_mlp(x_norm, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                                         self.fc2.bias, hidden, residual=res))
 
 
 class PatchEmbed(nn.Module):

@@ -12,6 +12,7 @@ import torch
 
 import attention
 import kernels
+import launch
 from supernet import SPACES, Supernet
 
 # Max error relative to the reference's largest magnitude. The interpreter computes fp32 dots
@@ -25,8 +26,7 @@ def poison(monkeypatch):
     """Every buffer a kernel fills starts as NaN (or -1 for integers)."""
     def nan_output(shape, dtype, device):
         return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
-    for module in (kernels, attention):  # kernels.py imports it from attention.py: both names
-        monkeypatch.setattr(module, "_new_output", nan_output)
+    monkeypatch.setattr(launch, "new_output", nan_output)
 
 
 def close(actual, expected, dtype, what):
@@ -78,6 +78,48 @@ def test_sliced_linear(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_sliced_mlp(dtype):
+    """fc1 216 -> 756, GELU, fc2 756 -> 216, residual: the two Triton launches against GeluLinear."""
+    params = [torch.randn(1024, 256) * 216**-0.5, torch.randn(1024), torch.randn(256, 1024) * 756**-0.5,
+              torch.randn(256)]
+    check(lambda x, r, *p: kernels.sliced_mlp_triton(x, *p, 756, residual=r),
+          lambda x, r, *p: kernels.sliced_mlp_torch(x, *p, 756, residual=r),
+          [torch.randn(1, 65, 216), torch.randn(1, 65, 216)], params, dtype)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gelu_linear_saves_one_activation(autocast):
+    """sliced_mlp_torch equals the plain composition, gradients included, while autograd keeps one
+    (B, N, hidden) tensor for the backward, not two."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 24, requires_grad=True)
+    params = [(torch.randn(shape) * 0.3).requires_grad_() for shape in ((64, 32), (64,), (32, 64), (32,))]
+    hidden_saved = []
+
+    def pack(t):
+        if t.shape[-1] == 40 and t.numel() == 2 * 17 * 40:  # (2, 17, 40) or its (34, 40) view
+            hidden_saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    results = []
+    for mlp in (kernels.sliced_mlp_torch, lambda x, w1, b1, w2, b2, hidden: kernels.sliced_linear_torch(
+            kernels.sliced_linear_torch(x, w1, b1, hidden, gelu=True), w2, b2, x.shape[-1])):
+        hidden_saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = mlp(x, *params, 40)
+        saved = len(set(hidden_saved))
+        results.append((y, torch.autograd.grad(y.float().square().sum(), [x, *params]), saved))
+    (y, grads, saved), (y_ref, grads_ref, saved_ref) = results
+    assert (saved, saved_ref) == (1, 2)
+    tolerance = 2e-2 if autocast else 1e-5
+    torch.testing.assert_close(y, y_ref, rtol=tolerance, atol=tolerance)
+    for g, r in zip(grads, grads_ref):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=tolerance, atol=tolerance * r.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, head_dim, E", [(3, 32, 216), (7, 16, 240)])
 def test_interleaved_qkv(heads, head_dim, E, dtype):
     params = [torch.randn(3 * 8 * 32, 256) * E**-0.5, torch.randn(3 * 8 * 32)]
@@ -119,7 +161,7 @@ def test_relative_attention_strided_inputs():
 def test_backend_switch(monkeypatch):
     """auto and torch run the reference on CPU tensors without touching Triton; triton runs it."""
     launches = []
-    monkeypatch.setattr(kernels, "_launch", lambda kernel, *args, **meta: launches.append(kernel))
+    monkeypatch.setattr(launch, "run", lambda kernel, *args, **meta: launches.append(kernel))
     x, w, b = torch.randn(2, 8), torch.randn(8), torch.randn(8)
     for backend in ("auto", "torch"):
         monkeypatch.setenv("AUTOFORMER_BACKEND", backend)
