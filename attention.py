@@ -98,7 +98,9 @@ def relative_attention_torch(q, k, v, tables, max_relative_position):
     S, T2 = buckets.shape[1], key_tables.shape[0]
     slots = key_slots(N, q.device).to(q.dtype).expand(B, H, N, S)
 
-    q = q.contiguous() * D**-0.5  # the scale is the head dim's, whatever the embed dim
+    # The scale is the head dim's, whatever the embed dim. (contiguous first: q is a view into the qkv
+    # output, and the product below would otherwise keep a reshaped copy of it for the backward.)
+    q = q.contiguous() * D**-0.5
     # q . Rk[i, j] = sum over the two halves of q . table[bucket]: dot with every bucket, then look up
     # query i's buckets (index_select, not gather: its backward keeps the index, not the input).
     by_bucket = (q @ key_tables.t()).view(B, H, N * T2)  # (B, H, N * 2T)
