@@ -148,7 +148,8 @@ def ensure_synthetic(root, seed=0, n_train=10_000, n_val=2_000):
     if marker.is_file():
         found = json.loads(marker.read_text())
         if found != manifest:
-            raise DataError(f"{root}: holds a synthetic set made with {found}, not {manifest}")
+            raise DataError(f"{root}: holds a synthetic set made with {found}, not {manifest}; delete "
+                            f"the folder and it is made again")
         return root
     if root.exists():
         raise DataError(f"{root}: exists but has no {SYNTHETIC_MARKER}: not a finished synthetic set")

@@ -306,7 +306,8 @@ def _matmul_bwd_dw_kernel(
 
 
 def _matmul_meta(kernel, x, QKV, GELU, head_dim):
-    return dict(QKV=QKV, GELU=GELU, HEAD_DIM=head_dim, DOT_PRECISION=launch.dot_precision(x.dtype), **launch.CONFIGS[kernel])
+    return dict(QKV=QKV, GELU=GELU, HEAD_DIM=head_dim, DOT_PRECISION=launch.dot_precision(x.dtype),
+                **launch.CONFIGS[kernel])
 
 
 def _matmul_forward(x, weight, bias, n_out, gelu, residual, qkv_shape=None):
