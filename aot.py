@@ -28,7 +28,6 @@ import tempfile
 import torch
 import triton
 
-import kernels
 import launch
 from attention import RelativeAttention
 from kernels import InterleavedQKV, SlicedLayerNorm, SlicedLinear

@@ -80,6 +80,7 @@ class TrainCase:
     patch_size: int
     batch: int
     bf16: bool
+    space: str = "tiny"
 
     @property
     def name(self):
@@ -139,23 +140,23 @@ def make_impls(cfg):
 
 
 def case_space(case):
-    return dataclasses.replace(SPACES["tiny"], img_size=case.img_size, patch_size=case.patch_size)
+    return dataclasses.replace(SPACES[case.space], img_size=case.img_size, patch_size=case.patch_size)
 
 
-def make_batch(space, batch, seed):
+def make_batch(space, batch, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, space.in_chans, space.img_size, space.img_size, generator=g)
-    return x, torch.randint(0, space.num_classes, (batch,), generator=g)
+    return x.to(device), torch.randint(0, space.num_classes, (batch,), generator=g).to(device)
 
 
-def build_trainer(impl, space, seed):
+def build_trainer(impl, space, seed, device="cpu"):
     torch.manual_seed(seed)
-    model = impl.build(space).train()
+    model = impl.build(space).to(device).train()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
 
 def train_step(impl, model, opt, x, y, subnet, bf16):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = F.cross_entropy(impl.forward(model, x, subnet), y)
     loss.backward()
     opt.step()
@@ -376,31 +377,20 @@ def section_cuda(cfg, impls, results, batch=128):
 def train_images_per_s(space_name, batch, steps=10, warmup=3):
     """Supernet training steps (bf16 autocast, AdamW, one sampled subnet per step, the same
     sequence for both backends): images/s per backend."""
-    space = SPACES[space_name]
+    space, impl, rng = SPACES[space_name], project_impl(), random.Random(0)
+    subnets = [space.sample(rng) for _ in range(warmup + steps)]
+    x, y = make_batch(space, batch, 0, device="cuda")
     out = dict(space=space_name, batch=batch)
     for backend in ("triton", "torch"):
         os.environ["AUTOFORMER_BACKEND"] = backend
-        torch.manual_seed(0)
-        model = Supernet(space).cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        rng = random.Random(0)
-        images = torch.randn(batch, 3, space.img_size, space.img_size, device="cuda")
-        labels = torch.randint(0, space.num_classes, (batch,), device="cuda")
-        subnets = [space.sample(rng) for _ in range(warmup + steps)]
-
-        def step(subnet):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(model(images, subnet), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        model, opt = build_trainer(impl, space, 0, device="cuda")
         for subnet in subnets[:warmup]:
-            step(subnet)
+            train_step(impl, model, opt, x, y, subnet, True)
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for subnet in subnets[warmup:]:
-            step(subnet)
+            train_step(impl, model, opt, x, y, subnet, True)
         end.record()
         torch.cuda.synchronize()
         out[backend] = batch * steps / (start.elapsed_time(end) / 1e3)
@@ -427,20 +417,10 @@ def section_data(cfg, impls, results):
     dataset = data.load_dataset(data.ensure_synthetic("data/synthetic"), verify=False)
     loaders = data.build_loaders(dataset, image_size=32, batch_size=64, hflip=False)
     loader_rate = data.measure_throughput(loaders.train)
-    space, rng = SPACES["cpu"], random.Random(cfg.seed)
-    x, y = make_batch(space, 64, cfg.seed)
-    impl = impls[0]  # the project
     rows = [("data loader, built-in set (images/s)", loader_rate, None, None)]
     results["data"] = {"loader_images_per_s": loader_rate}
     for bf16 in (False, True):
-        model, opt = build_trainer(impl, space, cfg.seed)
-        subnets = [space.sample(rng) for _ in range(cfg.warmup + 4 * cfg.steps)]
-        for s in subnets[:cfg.warmup]:
-            train_step(impl, model, opt, x, y, s, bf16)
-        t = time.perf_counter()
-        for s in subnets[cfg.warmup:]:
-            train_step(impl, model, opt, x, y, s, bf16)
-        rate = 64 * (len(subnets) - cfg.warmup) / (time.perf_counter() - t)
+        rate = bench_train_step(cfg, TrainCase(32, 4, 64, bf16, "cpu"), impls[:1])["project"]["images_per_s"]
         label = f"train cpu space b64 {'bf16' if bf16 else 'fp32'} (images/s)"
         results["data"][label] = rate
         rows.append((label, rate, None, None))

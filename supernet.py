@@ -10,7 +10,6 @@ supernet checkpoints load into `Supernet` unchanged.
 import argparse
 import dataclasses
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
