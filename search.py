@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
 
+import plot
 from autoformer import evaluate, extract, load_split
 from supernet import Subnet, Supernet, count_flops, count_params, load_checkpoint, space_of
 
@@ -259,78 +259,6 @@ def write_atomic(path, text):
     tmp.write_text(text)
     os.replace(tmp, path)
 
-# ----------------------------------------------------------------------------- the picture
-
-PALETTE = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))  # viridis anchors
-
-
-def colour(t):
-    """Viridis-like colour of t in [0, 1], linear between the anchors."""
-    t = min(max(t, 0.0), 1.0) * (len(PALETTE) - 1)
-    i = min(int(t), len(PALETTE) - 2)
-    return tuple(round(a + (t - i) * (b - a)) for a, b in zip(PALETTE[i], PALETTE[i + 1]))
-
-
-def ticks(lo, hi, count=6):
-    """Round tick values (steps of 1, 2 or 5 x 10^k) covering [lo, hi]."""
-    raw = (hi - lo) / count
-    step = min((m * 10 ** k for m in (1, 2, 5) for k in range(-6, 10) if m * 10 ** k >= raw))
-    first = -(-lo // step) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def plot(records, front, band, space_range, title, path):
-    """Held-out top-1 against parameters for every scored subnet, coloured by generation; the
-    Pareto front as a line, the --params window shaded, the best subnet ringed."""
-    W, H, box = 960, 600, (90, 70, 800, 530)  # plot area x0, y0, x1, y1
-    image = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(image)
-    font, small = ImageFont.load_default(16), ImageFont.load_default(13)
-    pad = (min(band[1], space_range[1]) - max(band[0], space_range[0])) / 3  # show the window's edges
-    x_lo, x_hi = max(band[0] - pad, space_range[0]) / 1e6, min(band[1] + pad, space_range[1]) / 1e6
-    accs = [r["top1"] for r in records]
-    y_lo, y_hi = max(min(accs) - 2, 0), min(max(accs) + 2, 100)
-    px = lambda x: box[0] + (x - x_lo) / (x_hi - x_lo) * (box[2] - box[0])  # noqa: E731
-    py = lambda y: box[3] - (y - y_lo) / (y_hi - y_lo) * (box[3] - box[1])  # noqa: E731
-    band_lo, band_hi = max(band[0] / 1e6, x_lo), min(band[1] / 1e6, x_hi)
-    draw.rectangle((px(band_lo), box[1], px(band_hi), box[3]), fill=(232, 232, 238))
-    draw.text((px(band_lo) + 4, box[1] + 4), "--params window", fill=(110, 110, 130), font=small)
-    for x in ticks(x_lo, x_hi):
-        draw.line((px(x), box[3], px(x), box[3] + 5), fill="black")
-        draw.text((px(x), box[3] + 8), f"{x:g}", fill="black", anchor="ma", font=small)
-    for y in ticks(y_lo, y_hi, 8):
-        draw.line((box[0], py(y), box[2], py(y)), fill=(222, 222, 222))
-        draw.text((box[0] - 8, py(y)), f"{y:g}", fill="black", anchor="rm", font=small)
-    last = max(r["generation"] for r in records) or 1
-    for r in records:  # oldest first: the later generations lie on top
-        x, y = px(r["params"] / 1e6), py(r["top1"])
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour(r["generation"] / last))
-    steps = []
-    for r in front:  # a staircase: the best top-1 reachable with at most x parameters
-        x, y = px(r["params"] / 1e6), py(r["top1"])
-        steps += [(x, steps[-1][1]), (x, y)] if steps else [(x, y)]
-    draw.line(steps + [(px(band_hi), steps[-1][1])], fill=(220, 40, 40), width=2)
-    best = front[-1]
-    x, y = px(best["params"] / 1e6), py(best["top1"])
-    draw.ellipse((x - 8, y - 8, x + 8, y + 8), outline=(220, 40, 40), width=2)
-    draw.text((x - 10, y - 10), f"best {best['top1']:.1f}% (val {best['val_top1']:.1f}%)", fill=(220, 40, 40),
-              anchor="rb", font=small)
-    draw.rectangle(box, outline="black")
-    draw.text(((box[0] + box[2]) / 2, box[3] + 30), "parameters (M)", fill="black", anchor="ma", font=font)
-    draw.text((box[0], box[1] - 6), "held-out top-1 (%)", fill="black", anchor="ld", font=font)
-    draw.text((W / 2, 20), title, fill="black", anchor="ma", font=font)
-    bar = (850, box[1] + 30, 875, box[3] - 30)  # the colour bar: generation 0 at the bottom
-    for i in range(bar[1], bar[3] + 1):
-        draw.line((bar[0], i, bar[2], i), fill=colour((bar[3] - i) / (bar[3] - bar[1])))
-    draw.rectangle(bar, outline="black")
-    for g in sorted({round(g) for g in ticks(0, last, 4)}):
-        draw.text((bar[2] + 6, bar[3] - g / last * (bar[3] - bar[1])), str(g), fill="black", anchor="lm", font=small)
-    draw.text(((bar[0] + bar[2]) / 2, bar[1] - 10), "generation", fill="black", anchor="md", font=small)
-    draw.line((bar[0] - 20, bar[3] + 30, bar[0] + 2, bar[3] + 30), fill=(220, 40, 40), width=2)
-    draw.text((bar[0] + 6, bar[3] + 30), "Pareto front", fill="black", anchor="lm", font=small)
-    image.save(path.with_name(path.name + ".tmp.png"))
-    os.replace(path.with_name(path.name + ".tmp.png"), path)
-
 # ----------------------------------------------------------------------------- the command
 
 
@@ -445,8 +373,8 @@ def search(cfg):
     write_atomic(out / "best.json", subnet.to_json() + "\n")
     write_atomic(out / "pareto.json", json.dumps(front, indent=1))
     extremes = (count_params(space, space.smallest()), count_params(space, space.largest()))
-    plot(rows, front, bounds["params"][1], extremes,
-         f"{cfg.algorithm}, seed {cfg.seed}: {len(rows)} subnets, {window_text}", out / "search.png")
+    plot.search_scatter(rows, front, bounds["params"][1], extremes,
+                        f"{cfg.algorithm}, seed {cfg.seed}: {len(rows)} subnets, {window_text}", out / "search.png")
     summary = {"best": best, "scored": len(rows), "seconds": time.time() - start}
     save_state(cfg.generations + 1, result=summary)
     print(f"best: held-out top-1 {best['top1']:.2f}%, val top-1 {best['val_top1']:.2f}% (fp32), {mega(best['params'])} "

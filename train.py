@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 
 import data
+import plot
 from autoformer import AutoFormer, evaluate, extract
 from supernet import SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, space_of
 
@@ -181,52 +181,6 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def plot_panel(draw, left, series, xlabel, ylabel, size=(480, 320), margin=56):
-    """One chart: `series` maps a name to its [(x, y), ...] points, drawn into a size[0] x size[1]
-    box whose left edge is at x = `left`, with a frame, five ticks per axis, labels and a legend."""
-    points = [p for s in series.values() for p in s]
-    if not points:
-        return
-    width, height = size
-    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-    x_hi, y_hi = max(x_hi, x_lo + 1e-9), max(y_hi, y_lo + 1e-9)
-    box = (left + margin, 24, left + width - 16, height - margin)  # plot area: x0, y0, x1, y1
-
-    def pixel(x, y):
-        return (box[0] + (x - x_lo) / (x_hi - x_lo) * (box[2] - box[0]),
-                box[3] - (y - y_lo) / (y_hi - y_lo) * (box[3] - box[1]))
-
-    draw.rectangle(box, outline="black")
-    for i in range(5):
-        x, y = x_lo + i / 4 * (x_hi - x_lo), y_lo + i / 4 * (y_hi - y_lo)
-        px, py = pixel(x, y)
-        draw.line([(px, box[3]), (px, box[3] + 4)], fill="black")
-        draw.text((px, box[3] + 6), f"{x:.4g}", fill="black", anchor="ma")
-        draw.line([(box[0] - 4, py), (box[0], py)], fill="black")
-        draw.text((box[0] - 6, py), f"{y:.3g}", fill="black", anchor="rm")
-    draw.text(((box[0] + box[2]) / 2, height - 18), xlabel, fill="black", anchor="ma")
-    draw.text((left + 4, 2), ylabel, fill="black")
-    for i, (name, pts) in enumerate(series.items()):
-        colour = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")[i % 4]
-        draw.line([pixel(*p) for p in pts] if len(pts) > 1 else [pixel(*pts[0])] * 2, fill=colour, width=2)
-        draw.text((box[0] + 8, box[1] + 6 + 14 * i), name, fill=colour)
-
-
-def plot_curves(history, path):
-    """OUT/curves.png: the logged training loss by step (left) and the fixed subnets' top-1 on
-    the held-out split by epoch (right). Pillow only, so no plotting library is needed."""
-    image = Image.new("RGB", (960, 320), "white")
-    draw = ImageDraw.Draw(image)
-    plot_panel(draw, 0, {"train loss": history["loss"]}, "step", "training loss")
-    accuracy = {name: [(e["epoch"], e["top1"][name]) for e in history["epochs"]]
-                for name in (history["epochs"][0]["top1"] if history["epochs"] else {})}
-    plot_panel(draw, 480, accuracy, "epoch", "top-1 % on minival")
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
-
-
 def setup_distributed():
     """(rank, world size, device): under torchrun one process per GPU with NCCL, or per share of
     the CPU cores with gloo; otherwise a single process on the GPU if there is one."""
@@ -344,7 +298,8 @@ def train(cfg):
     scale = cfg.batch_size * world / 512  # DeiT's linear scaling rule: lr grows with the global batch
     schedule = {"total_steps": total, "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch),
                 "peak_lr": cfg.lr * scale, "min_lr": cfg.min_lr * scale}
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=schedule["peak_lr"])
+    # fused: one pass over each parameter's memory per step, not one per arithmetic op (4x faster on a CPU)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=schedule["peak_lr"], fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
     step, history = 0, {"loss": [], "epochs": []}
     if state is not None:
@@ -420,7 +375,7 @@ def train(cfg):
             history["epochs"].append({"epoch": step // steps_per_epoch, "step": step, "top1": top1})
             save()
             if rank == 0:
-                plot_curves(history, out / "curves.png")
+                plot.training_curves(history, out / "curves.png")
                 scores = "  ".join(f"{k} {v:.1f}%" for k, v in top1.items())
                 print(f"epoch {step // steps_per_epoch}/{cfg.epochs}  minival top-1  {scores}  "
                       f"({time.time() - t:.1f} s)", flush=True)
