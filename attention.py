@@ -406,7 +406,7 @@ class RelativeAttention(torch.autograd.Function):
         lse = launch.new_output((B * H, N), torch.float32, q.device)
         grid = (triton.cdiv(N, meta["BLOCK_M"]), B * H)
         launch.run(_attention_fwd_kernel, grid, q, k, v, key_rows, key_cols, value_rows, value_cols, out, lse,
-                H, N, G, D, max_rel, D**-0.5, *q.stride(), key_rows.stride(0), **meta)
+                   H, N, G, D, max_rel, D**-0.5, *q.stride(), key_rows.stride(0), **meta)
         ctx.save_for_backward(q, k, v, key_rows, key_cols, value_rows, value_cols, out, lse)
         ctx.max_rel = max_rel
         return out
@@ -424,12 +424,12 @@ class RelativeAttention(torch.autograd.Function):
         grid = (triton.cdiv(N, meta["BLOCK_M"]), B * H)
         dtab = launch.new_output((grid[0] * grid[1], 4, meta["T_PAD"], meta["BLOCK_D"]), torch.float32, q.device)
         launch.run(_attention_bwd_dq_kernel, grid, q, k, v, key_rows, key_cols, value_rows, value_cols, out, dout,
-                lse, dq, delta, slots, dtab, H, N, G, D, max_rel, D**-0.5, *q.stride(), key_rows.stride(0), **meta)
+                   lse, dq, delta, slots, dtab, H, N, G, D, max_rel, D**-0.5, *q.stride(), key_rows.stride(0), **meta)
         meta = _attention_meta("_attention_bwd_dkdv_kernel", q, G, max_rel)
         del meta["T_PAD"]  # the dk/dv kernel reads per-slot dots only
         grid = (triton.cdiv(N, meta["BLOCK_N"]), B * H)
         launch.run(_attention_bwd_dkdv_kernel, grid, q, k, v, dout, lse, delta, slots, dk, dv,
-                H, N, G, D, D**-0.5, *q.stride(), **meta)
+                   H, N, G, D, D**-0.5, *q.stride(), **meta)
         T = 2 * max_rel + 2
         dtab = dtab.sum(0)[:, :T, :D]  # (4, T, D): the query tiles' shares, summed
         grads = []

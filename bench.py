@@ -358,10 +358,7 @@ def section_cuda(cfg, impls, results, batch=128):
                             if mode == "fwd+bwd":
                                 outs = out if isinstance(out, tuple) else (out,)
                                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-                        if mode == "fwd":
-                            with torch.no_grad():
-                                ms = cuda_ms(step)
-                        else:
+                        with torch.set_grad_enabled(mode == "fwd+bwd"):
                             ms = cuda_ms(step)
                         rate = factor * work / ms / (1e9 if unit == "TFLOP/s" else 1e6)
                         peak = tflops_peak if unit == "TFLOP/s" else gbs_peak

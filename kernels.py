@@ -324,8 +324,8 @@ def _matmul_forward(x, weight, bias, n_out, gelu, residual, qkv_shape=None):
     yq, yk, yv = (y[0], y[1], y[2]) if qkv_shape else (y, y, y)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
     launch.run(_matmul_fwd_kernel, grid, x, weight, bias, r, z, yq, yk, yv, M, K, n_out,
-            qkv_shape[2] if qkv_shape else 1, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            RESIDUAL=residual is not None, **meta)
+               qkv_shape[2] if qkv_shape else 1, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+               RESIDUAL=residual is not None, **meta)
     return y, (z if gelu else None)
 
 
@@ -338,12 +338,12 @@ def _matmul_backward(dys, z, x, weight, bias, n_out, qkv_shape=None):
     meta = _matmul_meta("_matmul_bwd_dx_kernel", x, qkv_shape is not None, gelu, head_dim)
     grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
     launch.run(_matmul_bwd_dx_kernel, grid, *dys, z if gelu else dx, weight, dx, M, K, n_out, n_tokens,
-            weight.stride(0), weight.stride(1), **meta)
+               weight.stride(0), weight.stride(1), **meta)
     dw, db = launch.block_grad(weight, n_out, K), launch.block_grad(bias, n_out)
     meta = _matmul_meta("_matmul_bwd_dw_kernel", x, qkv_shape is not None, gelu, head_dim)
     grid = (triton.cdiv(n_out, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
     launch.run(_matmul_bwd_dw_kernel, grid, *dys, z if gelu else dx, x, dw, db, M, K, n_out, n_tokens,
-            x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), **meta)
+               x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), **meta)
     return dx, dw, db
 
 
@@ -472,7 +472,7 @@ class SlicedLayerNorm(torch.autograd.Function):
         mean, rstd = (launch.new_output((M,), torch.float32, x.device) for _ in range(2))
         meta = dict(BLOCK_E=launch.pow2(E), **launch.CONFIGS["_layer_norm_fwd_kernel"])
         launch.run(_layer_norm_fwd_kernel, (triton.cdiv(M, meta["BLOCK_ROWS"]),), x2, weight, bias, y, mean, rstd,
-                M, E, x2.stride(0), LAYER_NORM_EPS, **meta)
+                   M, E, x2.stride(0), LAYER_NORM_EPS, **meta)
         ctx.save_for_backward(x2, weight, bias, mean, rstd)  # bias: only for its gradient's shape
         ctx.x_shape = x.shape
         return y.view(x.shape)
@@ -487,7 +487,7 @@ class SlicedLayerNorm(torch.autograd.Function):
         dx = launch.new_output((M, E), x2.dtype, x2.device)
         dw_part, db_part = (launch.new_output((programs, E), torch.float32, x2.device) for _ in range(2))
         launch.run(_layer_norm_bwd_kernel, (programs,), dy, x2, weight, mean, rstd, dx, dw_part, db_part,
-                M, E, x2.stride(0), **meta)
+                   M, E, x2.stride(0), **meta)
         dw, db = launch.block_grad(weight, E), launch.block_grad(bias, E)
         dw[:E], db[:E] = dw_part.sum(0), db_part.sum(0)  # a few hundred rows of partial sums
         return dx.view(ctx.x_shape), dw, db
