@@ -7,15 +7,14 @@ Sections (pick with --only, comma separated):
           sampled subnet each step, in images/s and as model FLOP utilisation (MFU) against the
           matmul peak of the same dtype, re-measured between the repeats; tiny space at 224 px
           batch 8 and at 32 px / patch 4 batch 64, each in fp32 and under torch.autocast("cpu", dtype=torch.bfloat16)
+  split   where the train section's step spends its time: every aten op timed, summed by kind
+          (linear layers' products, relative-position products, attention's batched products, rest)
   memory  peak memory of one fp32 training step of the largest tiny subnet at 224 px, batch 8
   data    the built-in data set's loader in images/s, and training steps of the default cpu space
   registers  registers / spills / shared memory of every Triton launch at sm_80 and sm_90 (aot.py)
-  cuda    on a CUDA device only: each Triton op, forward and forward+backward, against the
-          reference and torch.compile of it at the tiny/small/base shapes (N = 197, batch 128, bf16
-          and fp32) next to the device's measured matmul and copy peaks; then the supernet training
-          step in images/s with AUTOFORMER_BACKEND=triton against torch
 
-Every variant, and the official model, runs the same sequence of subnets on the same batch.
+Every variant, and the official model, runs the same sequence of subnets on the same batch, each
+implementation in a process of its own. The Triton kernels' speed on a CUDA device: bench_cuda.py.
 Results are printed as a table and written atomically as JSON to --out (default out/bench.json).
 
 Comparing with the official implementation (its code is never part of this repository):
@@ -28,8 +27,10 @@ import_official). The model needs nothing from timm, so the checkout needs no pr
   python bench.py --only train --steps 4 --repeats 2
 """
 import argparse
+import collections
 import collections.abc
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -45,16 +46,16 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import aot
 import data
-import kernels
 import launch
 from supernet import SPACES, SearchSpace, Subnet, Supernet, count_flops
 
 SPACE_NAMES = ("tiny", "small", "base")
 
-SECTIONS = ("matmul", "train", "memory", "data", "registers", "cuda")
+SECTIONS = ("matmul", "train", "split", "memory", "data", "registers")
 TARGETS = {  # project / official ratios the project aims for (>= for images/s, <= for memory)
     "224px_b8_fp32": 2.5, "224px_b8_bf16": 4.0, "32px_b64_fp32": 1.3, "32px_b64_bf16": 1.3,
     "memory": 0.6,
@@ -177,32 +178,34 @@ def matmul_peak(dtype, n, repeats=10):
 
 
 def bench_train_step(cfg, case, impls):
-    """Images/s and MFU of training steps for each impl. Every impl runs the same `steps` subnets
-    `repeats` times, the impls interleaved so that load from other processes hits them alike; a
-    subnet's time is its median over the repeats, the figure is the sum of those medians. The
-    matmul peak that MFU divides by is measured between the repeats too, under the same load."""
+    """Images/s and MFU of training steps for each impl. Each impl trains in a process of its own, as
+    it would for real (in a shared one, whichever model runs second finds the allocator full of the
+    other's freed memory); every process runs the same `steps` subnets `repeats` times, the processes
+    taking turns so that load from other programs hits them alike. A subnet's time is its median over
+    the repeats, the figure the sum of those medians. The matmul peak that MFU divides by is measured
+    between the repeats too."""
     space = case_space(case)
-    rng = random.Random(cfg.seed)
-    subnets = [space.sample(rng) for _ in range(cfg.warmup + cfg.steps)]
-    warm, timed = subnets[:cfg.warmup], subnets[cfg.warmup:]
-    x, y = make_batch(space, case.batch, cfg.seed)
+    timed = case_subnets(cfg, space)[cfg.warmup:]
     flop = 6 * case.batch * sum(count_flops(space, s) for s in timed)  # 3 x forward MACs x 2 FLOP/MAC
-    trainers = {impl.name: (impl, *build_trainer(impl, space, cfg.seed)) for impl in impls}
-    for impl, model, opt in trainers.values():
-        for s in warm:
-            train_step(impl, model, opt, x, y, s, case.bf16)
-    times = {name: [[] for _ in timed] for name in trainers}  # [subnet][repeat] seconds
+    children = {}
+    for impl in impls:  # one at a time, so that no warm-up overlaps another's
+        children[impl.name] = start_child(cfg, "train", case, impl.name)
+        read_reply(children[impl.name])  # warmed up
+    times = {name: [] for name in children}  # [repeat][subnet] seconds
     peaks = []
     for _ in range(cfg.repeats):
         peaks.append(matmul_peak(torch.bfloat16 if case.bf16 else torch.float32, cfg.matmul_n, repeats=3))
-        for name, (impl, model, opt) in trainers.items():
-            for s, ts in zip(timed, times[name]):
-                t = time.perf_counter()
-                train_step(impl, model, opt, x, y, s, case.bf16)
-                ts.append(time.perf_counter() - t)
+        for name, child in children.items():
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            times[name].append(read_reply(child))
+    for child in children.values():
+        child.stdin.close()
+        child.wait()
     peak = statistics.median(peaks)
     out = {"load_average": os.getloadavg()[0], "matmul_peak_flop_per_s": peak}
     for name, ts in times.items():
+        ts = [list(t) for t in zip(*ts)]  # [subnet][repeat]
         sec, best = sum(statistics.median(t) for t in ts), sum(min(t) for t in ts)
         out[name] = {"images_per_s": case.batch * len(timed) / sec, "step_seconds": ts,
                      "images_per_s_best": case.batch * len(timed) / best,  # other processes only slow us down
@@ -210,27 +213,59 @@ def bench_train_step(cfg, case, impls):
     return out
 
 
+def case_subnets(cfg, space):
+    """The warm-up subnets, then the timed ones: the same in every process for the same seed."""
+    rng = random.Random(cfg.seed)
+    return [space.sample(rng) for _ in range(cfg.warmup + cfg.steps)]
+
+
+def warmed_up(cfg, case, impl):
+    """After the warm-up steps: the training step of `case` as a function of the subnet, and the
+    subnets to time."""
+    space = case_space(case)
+    subnets = case_subnets(cfg, space)
+    x, y = make_batch(space, case.batch, cfg.seed)
+    model, opt = build_trainer(impl, space, cfg.seed)
+    step = functools.partial(train_step, impl, model, opt, x, y, bf16=case.bf16)
+    for s in subnets[:cfg.warmup]:
+        step(s)
+    return step, subnets[cfg.warmup:]
+
+
+def train_child(cfg, case, impl, reply):
+    """Runs in its own process (see bench_train_step): the warm-up steps, then the timed subnets
+    once for every line on stdin, replying with the step times."""
+    step, timed = warmed_up(cfg, case, impl)
+    reply("ready")
+    for _ in sys.stdin:
+        times = []
+        for s in timed:
+            t = time.perf_counter()
+            step(s)
+            times.append(time.perf_counter() - t)
+        reply(times)
+
+
 def current_kib(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def memory_child(cfg, impl_name):
+def memory_child(cfg, case, impl, reply):
     """Runs in a fresh process (see peak_memory): one warm-up step, then reset the RSS high-water
     mark (Linux: write 5 to /proc/self/clear_refs), run one step, and report how far RSS rose above
     the RSS just before it (parameters, optimizer state, libraries)."""
-    impl = next(i for i in make_impls(cfg) if i.name == impl_name)
-    space = case_space(MEMORY_CASE)
+    space = case_space(case)
     subnet = space.largest()
-    x, y = make_batch(space, MEMORY_CASE.batch, cfg.seed)
+    x, y = make_batch(space, case.batch, cfg.seed)
     model, opt = build_trainer(impl, space, cfg.seed)
-    train_step(impl, model, opt, x, y, subnet, MEMORY_CASE.bf16)  # creates the AdamW state
+    train_step(impl, model, opt, x, y, subnet, case.bf16)  # creates the AdamW state
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = current_kib("VmRSS")
-    train_step(impl, model, opt, x, y, subnet, MEMORY_CASE.bf16)
+    train_step(impl, model, opt, x, y, subnet, case.bf16)
     peak = current_kib("VmHWM")
-    return {"rss_before_mib": base / 1024, "step_peak_mib": (peak - base) / 1024}
+    reply({"rss_before_mib": base / 1024, "step_peak_mib": (peak - base) / 1024})
 
 
 def peak_memory(cfg, impl_name):
@@ -239,11 +274,82 @@ def peak_memory(cfg, impl_name):
     mmap threshold (it otherwise grows after frees), so every tensor of 64 KiB or more is mmapped and
     its pages go back to the OS when it is freed: RSS then follows live memory, and the warm-up
     step's freed activations cannot be silently reused by the measured step."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", impl_name, "--seed", str(cfg.seed),
-           "--threads", str(cfg.threads), "--official", cfg.official]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return ask_child(cfg, "memory", MEMORY_CASE, impl_name, MALLOC_MMAP_THRESHOLD_="65536")
+
+
+class OpTimer(TorchDispatchMode):
+    """Wall-clock seconds of every aten op, summed by kind: the linear layers' products (mm, addmm),
+    the products with the stacked relative-position tables (an mm with a side of 2T rows), the
+    attention's batched products (bmm), and the rest. Its own few microseconds land on every op,
+    so they weigh most on the implementation that runs the most ops."""
+
+    def __init__(self, table_rows):
+        super().__init__()
+        self.table_rows, self.seconds = table_rows, collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds[self.kind(func.overloadpacket.__name__, args)] += time.perf_counter() - t
+        return out
+
+    def kind(self, name, args):
+        if name == "bmm":
+            return "attention"
+        if name in ("mm", "addmm"):
+            sides = {n for a in args if isinstance(a, torch.Tensor) for n in a.shape[-2:]}
+            return "relative" if self.table_rows in sides else "linear"
+        return "rest"
+
+
+def split_child(cfg, case, impl, reply):
+    """Runs in its own process (see section_split): the warm-up steps, then the timed subnets under
+    OpTimer; replies the seconds per step of each kind."""
+    step, timed = warmed_up(cfg, case, impl)
+    with OpTimer(table_rows=2 * (2 * case_space(case).max_relative_position + 2)) as timer:
+        for s in timed:
+            step(s)
+    reply({kind: sec / cfg.steps for kind, sec in timer.seconds.items()})
+
+
+def start_child(cfg, run, case, impl_name, **env):
+    """This script in a new process that runs train_child, split_child or memory_child (see child_main)."""
+    job = {"cfg": dataclasses.asdict(cfg), "run": run, "case": dataclasses.asdict(case), "impl": impl_name}
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)]
+    return subprocess.Popen(cmd, env=dict(os.environ, **env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def ask_child(cfg, run, case, impl_name, **env):
+    """The one reply of a child that runs once (split_child, memory_child)."""
+    child = start_child(cfg, run, case, impl_name, **env)
+    result = read_reply(child)
+    child.wait()
+    return result
+
+
+def read_reply(child):
+    line = child.stdout.readline()
+    if not line:
+        sys.exit(f"bench child {child.args[-1]} exited with code {child.wait()} (its error is above)")
+    return json.loads(line)
+
+
+def child_main(job):
+    """The child's side of start_child: replies go to stdout, one JSON line each; whatever else the
+    models print goes to stderr."""
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr
+
+    def reply(obj):
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    cfg = BenchConfig(**job["cfg"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    impl = next(i for i in make_impls(cfg) if i.name == job["impl"])
+    run = {"train": train_child, "split": split_child, "memory": memory_child}[job["run"]]
+    run(cfg, TrainCase(**job["case"]), impl, reply)
 
 
 def section_matmul(cfg, impls, results):
@@ -276,125 +382,15 @@ def section_memory(cfg, impls, results):
              off and off["rss_before_mib"], None)]
 
 
-def cuda_ms(fn, repeats=20, warmup=3):
-    """Median milliseconds of fn() on the current stream, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def device_peaks(dtype):
-    """Measured peaks of this device: TFLOP/s of an 8192^3 matmul in `dtype`, GB/s of a 1 GiB copy."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    tflops = 2 * 8192**3 / cuda_ms(lambda: a @ a) / 1e9
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    gbs = 2 * src.numel() / cuda_ms(lambda: dst.copy_(src)) / 1e6  # read + write
-    return tflops, gbs
-
-
-def op_cases(space, batch, dtype):
-    """{op: (work, unit, fn(x...) -> outputs, inputs)} at the largest subnet of `space`; work is FLOPs
-    of the forward (TFLOP/s) or bytes moved (GB/s)."""
-    L = aot.space_layer(space)
-    E, S, hidden, H, D = L["embed_dim"], L["super_dim"], L["hidden"], L["num_heads"], L["head_dim"]
-    N, m, d, M = L["num_tokens"], L["max_rel"], H * D, batch * L["num_tokens"]
-    T = 2 * m + 2
-    dev = dict(device="cuda")
-
-    def act(*shape):
-        return torch.randn(*shape, dtype=dtype, **dev).requires_grad_()
-
-    def par(*shape):
-        return (torch.randn(*shape, **dev) * 0.02).requires_grad_()  # parameters stay fp32, as in training
-
-    x, xd, xh = act(batch, N, E), act(batch, N, d), act(batch, N, hidden)
-    size = torch.finfo(dtype).bits // 8
-    return {
-        "layer_norm": (3 * M * E * size, "GB/s", lambda f, x, w, b: f(x, w, b), [x, par(S), par(S)]),
-        "qkv": (2 * M * E * 3 * d, "TFLOP/s", lambda f, x, w, b: f(x, w, b, H, D), [x, par(3 * d, S), par(3 * d)]),
-        "attention": (4 * batch * H * N * N * D + 8 * batch * H * N * T * D, "TFLOP/s",
-                      lambda f, q, k, v, *t: f(q, k, v, t, m),
-                      [act(batch, H, N, D), act(batch, H, N, D), act(batch, H, N, D)] + [par(T, D) for _ in range(4)]),
-        "proj+residual": (2 * M * d * E, "TFLOP/s", lambda f, x, w, b, r: f(x, w, b, E, False, r),
-                          [xd, par(S, d), par(S), act(batch, N, E)]),
-        "fc1+gelu": (2 * M * E * hidden, "TFLOP/s", lambda f, x, w, b: f(x, w, b, hidden, True),
-                     [x, par(hidden, S), par(hidden)]),
-        "fc2+residual": (2 * M * hidden * E, "TFLOP/s", lambda f, x, w, b, r: f(x, w, b, E, False, r),
-                         [xh, par(S, hidden), par(S), act(batch, N, E)]),
-    }
-
-
-IMPLS = {"layer_norm": ("sliced_layer_norm_triton", "sliced_layer_norm_torch"),
-         "qkv": ("interleaved_qkv_triton", "interleaved_qkv_torch"),
-         "attention": ("relative_attention_triton", "relative_attention_torch")}
-
-
-def section_cuda(cfg, impls, results, batch=128):
-    """Each Triton op against the reference and torch.compile of it, then the training step, on CUDA."""
-    if not torch.cuda.is_available():
-        print("  skipped: no CUDA device")
-        return []
-    rows = []
-    for dtype in (torch.bfloat16, torch.float32):
-        tflops_peak, gbs_peak = device_peaks(dtype)
-        print(f"{torch.cuda.get_device_name()} {str(dtype)[6:]}: matmul {tflops_peak:.0f} TFLOP/s, copy {gbs_peak:.0f} GB/s")
-        for name in SPACE_NAMES:
-            for op, (work, unit, call, inputs) in op_cases(SPACES[name], batch, dtype).items():
-                tri, ref = (getattr(kernels, f) for f in IMPLS.get(op, ("sliced_linear_triton", "sliced_linear_torch")))
-                variants = {"triton": tri, "torch": ref, "torch.compile": torch.compile(ref)}
-                for impl, f in variants.items():
-                    for mode, factor in (("fwd", 1), ("fwd+bwd", 3 if unit == "TFLOP/s" else 2.5)):
-                        def step():
-                            out = call(f, *inputs)
-                            if mode == "fwd+bwd":
-                                outs = out if isinstance(out, tuple) else (out,)
-                                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-                        with torch.set_grad_enabled(mode == "fwd+bwd"):
-                            ms = cuda_ms(step)
-                        rate = factor * work / ms / (1e9 if unit == "TFLOP/s" else 1e6)
-                        peak = tflops_peak if unit == "TFLOP/s" else gbs_peak
-                        rows.append(dict(space=name, dtype=str(dtype)[6:], op=op, impl=impl, mode=mode, ms=ms,
-                                         rate=rate, unit=unit, of_peak=rate / peak))
-                        print(f"  {name:5s} {op:14s} {mode:8s} {impl:13s} {ms:8.3f} ms {rate:8.1f} {unit:7s} "
-                              f"{100 * rate / peak:5.1f}% of peak")
-    results["kernels_cuda"] = rows
-    results["train_cuda"] = [train_images_per_s(name, batch) for name in SPACE_NAMES]
-    return [(f"train {r['space']} b{batch} bf16 triton/torch (images/s)", r["triton"], None, None)
-            for r in results["train_cuda"]]
-
-
-def train_images_per_s(space_name, batch, steps=10, warmup=3):
-    """Supernet training steps (bf16 autocast, AdamW, one sampled subnet per step, the same
-    sequence for both backends): images/s per backend."""
-    space, impl, rng = SPACES[space_name], project_impl(), random.Random(0)
-    subnets = [space.sample(rng) for _ in range(warmup + steps)]
-    x, y = make_batch(space, batch, 0, device="cuda")
-    out = dict(space=space_name, batch=batch)
-    for backend in ("triton", "torch"):
-        os.environ["AUTOFORMER_BACKEND"] = backend
-        model, opt = build_trainer(impl, space, 0, device="cuda")
-        for subnet in subnets[:warmup]:
-            train_step(impl, model, opt, x, y, subnet, True)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for subnet in subnets[warmup:]:
-            train_step(impl, model, opt, x, y, subnet, True)
-        end.record()
-        torch.cuda.synchronize()
-        out[backend] = batch * steps / (start.elapsed_time(end) / 1e3)
-    os.environ.pop("AUTOFORMER_BACKEND")
-    print(f"train step {space_name}: triton {out['triton']:.0f} images/s, torch {out['torch']:.0f} images/s")
-    return out
+def section_split(cfg, impls, results):
+    """Where a training step's time goes (see OpTimer), each impl in a process of its own."""
+    results["split"] = {}
+    for case in TRAIN_CASES:
+        r = results["split"][case.name] = {impl.name: ask_child(cfg, "split", case, impl.name) for impl in impls}
+        for name, split in r.items():
+            kinds = ", ".join(f"{kind} {split.get(kind, 0):.3f}" for kind in ("linear", "relative", "attention", "rest"))
+            print(f"  {case.name} {name}, seconds a step: {kinds}", flush=True)
+    return []
 
 
 def section_registers(cfg, impls, results):
@@ -425,8 +421,8 @@ def section_data(cfg, impls, results):
     return rows
 
 
-SECTION_FNS = {"matmul": section_matmul, "train": section_train, "memory": section_memory,
-               "data": section_data, "registers": section_registers, "cuda": section_cuda}
+SECTION_FNS = {"matmul": section_matmul, "train": section_train, "split": section_split, "memory": section_memory,
+               "data": section_data, "registers": section_registers}
 
 
 def print_table(rows):
@@ -460,18 +456,17 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(BenchConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default, help=f.metadata["help"])
-    p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)  # internal: see peak_memory
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)  # internal: see start_child
     args = vars(p.parse_args())
-    return BenchConfig(**{k: v for k, v in args.items() if k != "memory_child"}), args["memory_child"]
+    return BenchConfig(**{k: v for k, v in args.items() if k != "child"}), args["child"]
 
 
 def main():
     cfg, child = parse_args()
+    if child:
+        return child_main(json.loads(child))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if child:
-        print(json.dumps(memory_child(cfg, child)))
-        return
     sections = [s for s in cfg.only.split(",") if s]
     if not set(sections) <= set(SECTION_FNS):
         sys.exit(f"--only takes a comma-separated subset of {','.join(SECTION_FNS)}, got {cfg.only!r}")
