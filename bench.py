@@ -196,8 +196,11 @@ def bench_train_step(cfg, case, impls):
     for _ in range(cfg.repeats):
         peaks.append(matmul_peak(torch.bfloat16 if case.bf16 else torch.float32, cfg.matmul_n, repeats=3))
         for name, child in children.items():
-            child.stdin.write("go\n")
-            child.stdin.flush()
+            try:
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            except BrokenPipeError:
+                pass  # the child has died: read_reply says so
             times[name].append(read_reply(child))
     for child in children.values():
         child.stdin.close()
@@ -280,8 +283,9 @@ def peak_memory(cfg, impl_name):
 class OpTimer(TorchDispatchMode):
     """Wall-clock seconds of every aten op, summed by kind: the linear layers' products (mm, addmm),
     the products with the stacked relative-position tables (an mm with a side of 2T rows), the
-    attention's batched products (bmm), and the rest. Its own few microseconds land on every op,
-    so they weigh most on the implementation that runs the most ops."""
+    attention's batched products (bmm; the official code's relative-position products are batched
+    too, so they count here), and the rest. Its own few microseconds land on every op, so they weigh
+    most on the implementation that runs the most ops."""
 
     def __init__(self, table_rows):
         super().__init__()
@@ -322,6 +326,7 @@ def start_child(cfg, run, case, impl_name, **env):
 def ask_child(cfg, run, case, impl_name, **env):
     """The one reply of a child that runs once (split_child, memory_child)."""
     child = start_child(cfg, run, case, impl_name, **env)
+    child.stdin.close()  # it reads nothing
     result = read_reply(child)
     child.wait()
     return result
@@ -338,6 +343,7 @@ def child_main(job):
     """The child's side of start_child: replies go to stdout, one JSON line each; whatever else the
     models print goes to stderr."""
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what C++ libraries print, too
     sys.stdout = sys.stderr
 
     def reply(obj):
@@ -388,7 +394,7 @@ def section_split(cfg, impls, results):
     for case in TRAIN_CASES:
         r = results["split"][case.name] = {impl.name: ask_child(cfg, "split", case, impl.name) for impl in impls}
         for name, split in r.items():
-            kinds = ", ".join(f"{kind} {split.get(kind, 0):.3f}" for kind in ("linear", "relative", "attention", "rest"))
+            kinds = ", ".join(f"{k} {split.get(k, 0):.3f}" for k in ("linear", "relative", "attention", "rest"))
             print(f"  {case.name} {name}, seconds a step: {kinds}", flush=True)
     return []
 

@@ -66,6 +66,7 @@ def op_cases(space, batch, dtype):
     x, xd, xh = act(batch, N, E), act(batch, N, d), act(batch, N, hidden)
     size = torch.finfo(dtype).bits // 8
     return {
+        # bytes of the kernel, which stores in x's dtype (autocast's F.layer_norm writes fp32: more)
         "layer_norm": (3 * M * E * size, "GB/s", lambda f, x, w, b: f(x, w, b), [x, par(S), par(S)]),
         "qkv": (2 * M * E * 3 * d, "TFLOP/s", lambda f, x, w, b: f(x, w, b, H, D), [x, par(3 * d, S), par(3 * d)]),
         "attention": (4 * batch * H * N * N * D + 8 * batch * H * N * T * D, "TFLOP/s",
@@ -99,7 +100,7 @@ def bench_ops(batch):
                     for mode, factor in (("fwd", 1), ("fwd+bwd", 3 if unit == "TFLOP/s" else 2.5)):
                         def step():
                             # as in training: bf16 activations, fp32 parameters, autocast for the reference
-                            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                            with torch.autocast(inputs[0].device.type, dtype=dtype, enabled=dtype != torch.float32):
                                 out = call(f, *inputs)
                             if mode == "fwd+bwd":
                                 outs = out if isinstance(out, tuple) else (out,)
