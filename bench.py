@@ -222,13 +222,13 @@ def case_subnets(cfg, space):
     return [space.sample(rng) for _ in range(cfg.warmup + cfg.steps)]
 
 
-def warmed_up(cfg, case, impl):
+def warmed_up(cfg, case, impl, device="cpu"):
     """After the warm-up steps: the training step of `case` as a function of the subnet, and the
     subnets to time."""
     space = case_space(case)
     subnets = case_subnets(cfg, space)
-    x, y = make_batch(space, case.batch, cfg.seed)
-    model, opt = build_trainer(impl, space, cfg.seed)
+    x, y = make_batch(space, case.batch, cfg.seed, device)
+    model, opt = build_trainer(impl, space, cfg.seed, device)
     step = functools.partial(train_step, impl, model, opt, x, y, bf16=case.bf16)
     for s in subnets[:cfg.warmup]:
         step(s)

@@ -12,14 +12,13 @@ reference. It takes bench.py's training-step helpers, so both time the same step
 """
 import argparse
 import os
-import random
 import statistics
 
 import torch
 
 import aot
 import kernels
-from bench import SPACE_NAMES, build_trainer, make_batch, project_impl, train_step, write_json
+from bench import SPACE_NAMES, BenchConfig, TrainCase, project_impl, warmed_up, write_json
 from supernet import SPACES
 
 
@@ -118,21 +117,18 @@ def bench_ops(batch):
 
 def train_images_per_s(space_name, batch, steps=10, warmup=3):
     """Supernet training steps (bf16 autocast, AdamW, one sampled subnet per step, the same
-    sequence for both backends): images/s per backend."""
-    space, impl, rng = SPACES[space_name], project_impl(), random.Random(0)
-    subnets = [space.sample(rng) for _ in range(warmup + steps)]
-    x, y = make_batch(space, batch, 0, device="cuda")
+    sequence for both backends), as bench.py times them: images/s per backend."""
+    cfg, space = BenchConfig(steps=steps, warmup=warmup), SPACES[space_name]
+    case = TrainCase(space.img_size, space.patch_size, batch, True, space_name)
     out = dict(space=space_name, batch=batch)
     for backend in ("triton", "torch"):
         os.environ["AUTOFORMER_BACKEND"] = backend
-        model, opt = build_trainer(impl, space, 0, device="cuda")
-        for subnet in subnets[:warmup]:
-            train_step(impl, model, opt, x, y, subnet, True)
+        step, timed = warmed_up(cfg, case, project_impl(), device="cuda")
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for subnet in subnets[warmup:]:
-            train_step(impl, model, opt, x, y, subnet, True)
+        for subnet in timed:
+            step(subnet)
         end.record()
         torch.cuda.synchronize()
         out[backend] = batch * steps / (start.elapsed_time(end) / 1e3)
