@@ -41,7 +41,18 @@ import launch
 # --- The reference: plain PyTorch ----------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+def cached_constant(fn):
+    """Memoise an index tensor. Built outside inference mode: a tensor first made inside
+    torch.inference_mode (an evaluation) could not be saved for a later training step's backward."""
+    @functools.lru_cache(maxsize=None)
+    @functools.wraps(fn)
+    def build(*args):
+        with torch.inference_mode(False):
+            return fn(*args)
+    return build
+
+
+@cached_constant
 def slot_buckets(num_tokens, max_relative_position, device):
     """The relative-position bucket of every (query token, key slot) pair: (N, 2 * (1 + G)) int64.
 
@@ -64,7 +75,7 @@ def slot_buckets(num_tokens, max_relative_position, device):
     return torch.cat([rows, cols + 2 * m + 2], -1)  # (N, 2(1+G))
 
 
-@functools.lru_cache(maxsize=None)
+@cached_constant
 def key_slots(num_tokens, device):
     """The one-hot (N, 2 * (1 + G)) matrix of every key's two slots (see slot_buckets).
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import data
 from kernels import relative_attention
 from supernet import (PUBLISHED, SPACES, CheckpointError, RelativePosition2D, Subnet, Supernet, check_images,
-                      count_flops, count_params, load_checkpoint, space_of)
+                      count_flops, count_params, load_checkpoint, load_weights, official_init, space_of)
 
 
 class Block(nn.Module):
@@ -32,7 +32,7 @@ class Block(nn.Module):
         self.num_heads, self.space = num_heads, space
         d = num_heads * space.head_dim
         self.attn_norm = nn.LayerNorm(embed_dim)
-        self.qkv = nn.Linear(embed_dim, 3 * d)  # rows [q; k; v], each head_dim-major per head
+        self.qkv = nn.Linear(embed_dim, 3 * d)  # rows [q; k; v], each grouped by head: h * head_dim + e
         self.rel_pos_k = RelativePosition2D(space.head_dim, space.max_relative_position)
         self.rel_pos_v = RelativePosition2D(space.head_dim, space.max_relative_position)
         self.proj = nn.Linear(d, embed_dim)
@@ -65,6 +65,7 @@ class AutoFormer(nn.Module):
                                     for heads, hidden in zip(subnet.num_heads, subnet.hidden_dims()))
         self.norm = nn.LayerNorm(E)
         self.head = nn.Linear(E, space.num_classes)
+        official_init(self)  # for training from scratch (train.py --subnet); extract overwrites it all
 
     def forward(self, images):
         check_images(images, self.space)
@@ -150,9 +151,16 @@ def load_split(checkpoint, path, split, root=None):
     record = checkpoint.get("data")
     if not isinstance(record, dict) or "minival" not in record:
         raise CheckpointError(f"{path}: records no data set and held-out split: not written by train.py?")
-    dataset = data.load_dataset(root or record["root"], verify=False)  # decode only what is used
-    loaders = data.build_loaders(dataset, record["img_size"], 500, minival_indices=record["minival"]["indices"],
-                                 rank=0, world_size=1)
+    folder, indices = root or record["root"], record["minival"]["indices"]
+    dataset = data.load_dataset(folder, verify=False)  # decode only what is used
+    classes = space_of(checkpoint, path).num_classes
+    if len(dataset.class_names) != classes:
+        raise data.DataError(f"{folder}: {len(dataset.class_names)} classes, but the model of {path} has {classes}: "
+                             "not the data set it was trained on")
+    if max(indices, default=-1) >= len(dataset.train):
+        raise data.DataError(f"{folder}: {len(dataset.train)} train images, but {path} records held-out train "
+                             f"image index {max(indices)}: not the data set it was trained on")
+    loaders = data.build_loaders(dataset, record["img_size"], 500, minival_indices=indices, rank=0, world_size=1)
     images, labels = zip(*getattr(loaders, split))
     return torch.cat(images), torch.cat(labels)
 
@@ -161,6 +169,7 @@ def export(supernet, subnet, path):
     """Save `subnet` as a standalone AutoFormer: its weights, its subnet and its space."""
     model = extract(supernet, subnet)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": model.state_dict(), "space": dataclasses.asdict(supernet.space),
                 "subnet": json.loads(subnet.to_json())}, tmp)
@@ -172,9 +181,11 @@ def load_exported(path):
     saved = load_checkpoint(path)
     if "subnet" not in saved:
         raise CheckpointError(f"{path}: not an exported AutoFormer (no 'subnet'): a supernet checkpoint?")
-    model = AutoFormer(space_of(saved, path), Subnet(**saved["subnet"]))
-    model.load_state_dict(saved["model"])
-    return model.eval()
+    try:
+        subnet = Subnet(**saved["subnet"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the recorded 'subnet' is not a subnet ({e})") from None
+    return load_weights(AutoFormer(space_of(saved, path), subnet), saved["model"], path).eval()
 
 
 def read_subnet(text):
@@ -186,7 +197,8 @@ def read_subnet(text):
     try:
         return None, Subnet.from_json(Path(text).read_text())
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{text}: {e}") from None
+        raise ValueError(f"{text}: {e}; expected a subnet, e.g. "
+                         '{"embed_dim": 64, "mlp_ratios": [2.0, 4.0], "num_heads": [2, 2]}') from None
 
 
 def main(argv=None):

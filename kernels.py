@@ -3,8 +3,8 @@
 Weight entanglement means every subnet reads the *leading block* of a shared super weight:
 a layer of width E uses W[:out, :in] and b[:out] of the super layer. The functions here are
 the one place where that slicing rule is written down; supernet.py and autoformer.py only call
-them. They take the full super parameters and slice views, never copies, so the gradient of a
-subnet lands on exactly the entries it used.
+them. They take the full super parameters and slice them inside, so the gradient of a subnet
+lands on exactly the entries it used.
 
 Each op exists twice. `*_torch` is the reference, plain PyTorch slicing. `*_triton` runs Triton
 kernels, forward and backward, that read the leading block of a super weight in place through

@@ -18,6 +18,7 @@ best.json (a Subnet), pareto.json, search.png, latency.jsonl (with --latency-ms)
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -38,7 +39,8 @@ from supernet import Subnet, Supernet, count_flops, count_params, load_checkpoin
 
 @dataclass
 class SearchConfig:
-    checkpoint: str = field(default="out/ckpt.pt", metadata={"help": "supernet checkpoint written by train.py"})
+    checkpoint: str = field(default="", metadata={"help": "supernet checkpoint written by train.py; empty: "
+                                                          "out/ckpt.pt, with --resume the one the search recorded"})
     out: str = field(default="", metadata={"help": "results folder; empty: the checkpoint's folder/search"})
     algorithm: str = field(default="evolution", metadata={"help": "the same number of subnets scored either way",
                                                           "choices": ("evolution", "random")})
@@ -64,7 +66,9 @@ class SearchConfig:
     resume: bool = field(default=False, metadata={"help": "continue the search in OUT with its recorded settings"})
 
 
-RUNTIME_FIELDS = ("checkpoint", "out", "data", "batch_size", "resume")  # --resume keeps these from the command line
+RUNTIME_FIELDS = ("out", "data", "batch_size", "resume")  # --resume keeps these from the command line
+DEFAULT_CHECKPOINT = "out/ckpt.pt"
+STALE_RESULTS = ("state.json", "best.json", "pareto.json", "search.png")  # what a fresh search removes, in order
 
 # ----------------------------------------------------------------------------- constraints
 
@@ -259,6 +263,15 @@ def write_atomic(path, text):
     tmp.write_text(text)
     os.replace(tmp, path)
 
+
+def file_sha256(path):
+    """The hex sha256 of a file, read in 1 MiB blocks: a supernet checkpoint can be large."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
 # ----------------------------------------------------------------------------- the command
 
 
@@ -282,7 +295,7 @@ def latency_check(supernet, cfg, path, rank, world):
 def search(cfg):
     """Run the search `cfg` describes, write OUT; return the summary (rank 0) or None."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    out = Path(cfg.out or Path(cfg.checkpoint).parent / "search")
+    out = Path(cfg.out or Path(cfg.checkpoint or DEFAULT_CHECKPOINT).parent / "search")
     state_path, log_path = out / "state.json", out / "candidates.jsonl"
     state = {}
     if cfg.resume:
@@ -290,16 +303,23 @@ def search(cfg):
             raise ValueError(f"{out}: no search to resume (no state.json)")
         try:
             state = json.loads(state_path.read_text())
-            cfg = dataclasses.replace(SearchConfig(**state["config"]), **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+            recorded = SearchConfig(**state["config"])
+            scored_with = state["checkpoint_sha256"]
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{state_path}: not the state of a search by this search.py ({e})") from None
+        # A checkpoint named here may be the recorded one moved; the fingerprint below tells.
+        cfg = dataclasses.replace(recorded, checkpoint=cfg.checkpoint or recorded.checkpoint,
+                                  **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+    cfg = dataclasses.replace(cfg, checkpoint=cfg.checkpoint or DEFAULT_CHECKPOINT)
     if cfg.mutations + cfg.crossovers > cfg.population or not 0 < cfg.parents <= cfg.population:
         raise ValueError("need --mutations + --crossovers <= --population and 0 < --parents <= --population")
     checkpoint = load_checkpoint(cfg.checkpoint)
     space = space_of(checkpoint, cfg.checkpoint)
-    if cfg.resume and state["checkpoint_step"] != checkpoint.get("step"):
-        raise ValueError(f"{cfg.checkpoint}: changed since the search in {out} began (step "
-                         f"{state['checkpoint_step']}, now {checkpoint.get('step')}): start afresh without --resume")
+    fingerprint = file_sha256(cfg.checkpoint)
+    if cfg.resume and fingerprint != scored_with:
+        raise ValueError(f"{cfg.checkpoint}: sha256 {fingerprint[:12]}..., but the search in {out} scored with "
+                         f"{recorded.checkpoint}, sha256 {scored_with[:12]}... (changed, or another file): resume "
+                         "with that checkpoint, or start afresh without --resume")
     bounds = windows(space, cfg)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     supernet = Supernet(space).load_weights(checkpoint["model"], cfg.checkpoint).to(device).eval()
@@ -309,15 +329,26 @@ def search(cfg):
     images, labels = load_split(checkpoint, cfg.checkpoint, "minival", cfg.data)
     images, labels = images.to(device, next(scorer.parameters()).dtype), labels.to(device)
 
+    def save_state(generations_done, **extra):
+        write_atomic(state_path, json.dumps({"config": dataclasses.asdict(cfg), "generations_done": generations_done,
+                                             "checkpoint_sha256": fingerprint, **extra}, indent=1))
+
     records = read_jsonl(log_path) if cfg.resume else []
     memo = {Subnet(**r["subnet"]): r["top1"] for r in records}  # scored already: never twice
     done = state.get("generations_done", 0)
     history = [dict(r, subnet=Subnet(**r["subnet"])) for r in records if r["generation"] < done]
-    if rank == 0:  # a fresh search replaces an old one (the latency cache stays); a resumed one loses a torn line
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
-        if cfg.resume:
+        if cfg.resume:  # rewritten without the line a kill may have torn
+            write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
             print(f"resuming {out}: {done} generations done, {len(records)} subnets scored", flush=True)
+        else:  # a fresh search replaces an old one (the latency cache stays). The old state goes first
+            # and the new one is written before anything is scored, so a kill at any moment leaves no
+            # state or this search's: never an old search's state beside this search's candidates.
+            for name in STALE_RESULTS:
+                (out / name).unlink(missing_ok=True)
+            write_atomic(log_path, "")
+            save_state(0)
     latency = latency_check(supernet, cfg, out / "latency.jsonl", rank, world)
     if cfg.latency_ms and latency(space.smallest()) > cfg.latency_ms:
         raise ValueError(f"--latency-ms {cfg.latency_ms:g}: even the smallest subnet takes "
@@ -336,10 +367,6 @@ def search(cfg):
     def on_score(subnet, top1, generation):
         if rank == 0:
             append_jsonl(log_path, describe(subnet, top1, generation))
-
-    def save_state(generations_done, **extra):
-        write_atomic(state_path, json.dumps({"config": dataclasses.asdict(cfg), "generations_done": generations_done,
-                                             "checkpoint_step": checkpoint.get("step"), **extra}, indent=1))
 
     total, start, scored_before = (cfg.generations + 1) * cfg.population, time.time(), len(memo)
 
@@ -365,7 +392,7 @@ def search(cfg):
     # The report: the validation split is used here, once, for the winner only.
     rows = [describe(r["subnet"], r["top1"], r["generation"]) for r in records]
     front = pareto(rows)
-    best = front[-1]  # the front ends at the highest top-1 (the earliest found among ties)
+    best = front[-1]  # the highest top-1; among ties the fewest parameters, then the earliest found
     subnet = Subnet(**best["subnet"])
     val_images, val_labels = load_split(checkpoint, cfg.checkpoint, "val", cfg.data)
     val = evaluate(supernet, (val_images.to(device), val_labels.to(device)), subnet, None, cfg.batch_size)

@@ -10,6 +10,7 @@ supernet checkpoints load into `Supernet` unchanged.
 import argparse
 import dataclasses
 import json
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import interleaved_qkv, relative_attention, sliced_layer_norm, sliced_linear, sliced_mlp
+
+
+def whole_number(field, value):
+    """int(value) for an int (numpy's too), else ValueError: int() would truncate 2.9 to 2."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"subnet {field}={value!r}: expected a whole number") from None
 
 
 @dataclass(frozen=True)
@@ -29,8 +38,10 @@ class Subnet:
     num_heads: tuple[int, ...]
 
     def __post_init__(self):
+        object.__setattr__(self, "embed_dim", whole_number("embed_dim", self.embed_dim))
         object.__setattr__(self, "mlp_ratios", tuple(float(r) for r in self.mlp_ratios))
-        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
+        object.__setattr__(self, "num_heads", tuple(whole_number(f"num_heads[{i}]", h)
+                                                    for i, h in enumerate(self.num_heads)))
         if len(self.mlp_ratios) != len(self.num_heads):
             raise ValueError(f"subnet has {len(self.mlp_ratios)} mlp_ratios but {len(self.num_heads)} "
                              "num_heads: both need one entry per layer")
@@ -120,7 +131,9 @@ class SearchSpace:
 
 _IMAGENET = dict(mlp_ratios=(3.0, 3.5, 4.0), head_dim=64, img_size=224, patch_size=16, num_classes=1000)
 SPACES = {
-    # The official ImageNet spaces (experiments/supernet/supernet-{T,S,B}.yaml).
+    # The official ImageNet spaces, as the published models' YAMLs give them (experiments/subnet/
+    # AutoFormer-{T,S,B}.yaml), with 3.0 added to tiny's MLP ratios since AutoFormer-T uses it. The
+    # supernet YAMLs are narrower (tiny ratios {3.5, 4}, base heads {9, 10}); shapes are the same.
     "tiny": SearchSpace(embed_dims=(192, 216, 240), num_heads=(3, 4), depths=(12, 13, 14), **_IMAGENET),
     "small": SearchSpace(embed_dims=(320, 384, 448), num_heads=(5, 6, 7), depths=(12, 13, 14), **_IMAGENET),
     "base": SearchSpace(embed_dims=(528, 576, 624), num_heads=(8, 9, 10), depths=(14, 15, 16), **_IMAGENET),
@@ -159,11 +172,13 @@ def count_params(space, subnet):
 def count_flops(space, subnet):
     """Multiply-accumulates (MACs) of one forward pass on one image.
 
-    Counted: every matrix product, i.e. the patch embedding, qkv, q.k, p.v, proj, fc1, fc2 and the
-    head, plus the relative-position terms *as this code computes them*: per head, q against the
-    2 * T buckets of the two key tables (N x 2T x D) and the per-bucket probability mass against the
-    two value tables (N x 2T x D), T = 2 * max_relative_position + 2. Not counted: LayerNorm,
-    softmax, GELU, additions, the bucket gathers and sums, as is customary (fvcore, DeiT).
+    Counted: the model's matrix products, i.e. the patch embedding, qkv, q.k, p.v, proj, fc1, fc2
+    and the head, plus the relative-position terms *as this code computes them*: per head, q against
+    the 2 * T buckets of the two key tables (N x 2T x D) and the per-bucket probability mass against
+    the two value tables (N x 2T x D), T = 2 * max_relative_position + 2. Not counted: LayerNorm,
+    softmax, GELU, additions, the bucket gathers and sums, as is customary (fvcore, DeiT), nor the
+    one-hot key-slot columns that carry those gathers and sums through q.k and p.v (attention.py):
+    they are how this code moves the terms, not part of the model.
     """
     E, D, N = subnet.embed_dim, space.head_dim, space.num_patches + 1
     buckets = 2 * space.max_relative_position + 2
@@ -238,6 +253,22 @@ class Block(nn.Module):
                                                          self.fc2.bias, hidden, residual=res))
 
 
+def official_init(model):
+    """The official initialisation, for a supernet and for a standalone AutoFormer alike: truncated
+    normal (std 0.02) for linear weights, the tokens and the tables; zero linear biases; LayerNorms
+    at identity. The patch conv, weight and bias, keeps PyTorch's default, as the official
+    `_init_weights` touches only nn.Linear and nn.LayerNorm (and the tokens and tables explicitly)."""
+    for name, p in model.named_parameters():
+        if "patch_embed" in name:
+            continue
+        if "norm" in name:
+            nn.init.constant_(p, 1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.trunc_normal_(p, std=0.02, a=-2.0, b=2.0)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, space):
         super().__init__()
@@ -270,18 +301,7 @@ class Supernet(nn.Module):
         self.blocks = nn.ModuleList(Block(space, rate) for rate in rates)
         self.norm = nn.LayerNorm(S)
         self.head = nn.Linear(S, space.num_classes)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        """The official initialisation: truncated normal (std 0.02) for linear weights, the tokens
-        and the tables; zero biases; LayerNorms at identity; the patch conv at PyTorch's default."""
-        for name, p in self.named_parameters():
-            if "norm" in name:
-                nn.init.constant_(p, 1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "patch_embed" not in name:
-                nn.init.trunc_normal_(p, std=0.02, a=-2.0, b=2.0)
+        official_init(self)
 
     def forward(self, images, subnet):
         self.space.validate(subnet)
@@ -300,21 +320,27 @@ class Supernet(nn.Module):
 
     def load_weights(self, state_dict, source):
         """Load a project or official state dict, naming `source` and any key or shape that differs."""
-        own = self.state_dict()
-        missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
-        if missing or extra:
-            raise CheckpointError(f"{source}: the weights do not fit this supernet: missing keys "
-                                  f"{missing[:5]}, unexpected keys {extra[:5]}")
-        for key, value in own.items():
-            if state_dict[key].shape != value.shape:
-                raise CheckpointError(f"{source}: {key} has shape {tuple(state_dict[key].shape)}, this "
-                                      f"space needs {tuple(value.shape)}: a checkpoint of another space?")
-        self.load_state_dict(state_dict)
-        return self
+        return load_weights(self, state_dict, source)
 
 
 class CheckpointError(ValueError):
     pass
+
+
+def load_weights(model, state_dict, source):
+    """model.load_state_dict(state_dict), with an error naming `source` and the first key or shape
+    that differs instead of load_state_dict's list of every one."""
+    own, kind = model.state_dict(), type(model).__name__
+    missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{source}: the weights do not fit this {kind}: missing keys "
+                              f"{missing[:5]}, unexpected keys {extra[:5]}")
+    for key, value in own.items():
+        if state_dict[key].shape != value.shape:
+            raise CheckpointError(f"{source}: {key} has shape {tuple(state_dict[key].shape)}, this {kind} "
+                                  f"needs {tuple(value.shape)}: weights of another space or subnet?")
+    model.load_state_dict(state_dict)
+    return model
 
 
 def load_checkpoint(path):
@@ -340,8 +366,11 @@ def load_checkpoint(path):
 def space_of(checkpoint, path, space=None):
     """The search space a checkpoint was trained in: recorded in ours, given for official files."""
     if "space" in checkpoint:
-        recorded = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in checkpoint["space"].items()})
+        try:
+            recorded = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in checkpoint["space"].items()})
+        except (AttributeError, TypeError) as e:  # not a dict, or other fields than a SearchSpace's
+            raise CheckpointError(f"{path}: the recorded 'space' is not a search space ({e})") from None
         if space is not None and space != recorded:
             raise CheckpointError(f"{path}: trained in space {recorded}, not in the requested {space}")
         return recorded

@@ -13,7 +13,7 @@ every batch, the smaller ones distilled from the largest's predictions (BigNAS, 
   python train.py --data ~/cifar-10-batches-py --space cpu --epochs 100
   torchrun --nproc_per_node=8 train.py --data ~/imagenet --space tiny --epochs 500 --batch-size 128 \\
       --lr 5e-4 --warmup-epochs 5 --drop-path 0.1 --mixup 0.8 --cutmix 1.0 --workers 8 --out out/tiny
-  python train.py --subnet sub.json --inherit out/ckpt.pt   # one subnet as a standalone AutoFormer
+  python train.py --subnet sub.json --inherit out/ckpt.pt --out out/subnet   # one subnet as a standalone AutoFormer
 
 Writes OUT/ckpt.pt (every epoch and every --ckpt-every steps, atomically) and OUT/curves.png.
 """
@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 import data
 import plot
-from autoformer import AutoFormer, evaluate, extract
+from autoformer import AutoFormer, evaluate, extract, read_subnet
 from supernet import SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, space_of
 
 
@@ -199,21 +199,31 @@ def setup_distributed():
 
 def build_model(cfg, state, num_classes):
     """The model to train (a Supernet, or one AutoFormer with --subnet), its space, and the subnets
-    evaluated after each epoch. Weights come from --resume's state, --init or --inherit, else fresh."""
-    source = cfg.init or cfg.inherit
-    given = load_checkpoint(source) if source else None
+    evaluated after each epoch. Weights come from --resume's state, --init or --inherit, else fresh.
+    A resumed run reads the space and the subnet from its checkpoint alone: the --subnet, --init and
+    --inherit files may have changed or gone since the run began."""
+    source, given = cfg.init or cfg.inherit, None
     space = dataclasses.replace(SPACES[cfg.space], num_classes=num_classes)
     if state is not None:
-        space = space_of(state, Path(cfg.out) / "ckpt.pt")
-    elif given is not None:  # ours record their space; official files get the one --space names
+        source = Path(cfg.out) / "ckpt.pt"
+        space = space_of(state, source)
+    elif source:  # ours record their space; official files get the one --space names
+        given = load_checkpoint(source)
         space = space_of(given, source, None if "space" in given else SPACES[cfg.space])
     if space.num_classes != num_classes:
         raise ValueError(f"{source or cfg.out}: the model has {space.num_classes} classes, the data {num_classes}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank: nothing is broadcast
     if cfg.subnet:
-        if not Path(cfg.subnet).is_file():
-            raise ValueError(f"--subnet {cfg.subnet}: no such file (a subnet JSON, as search.py writes)")
-        subnet = space.validate(Subnet.from_json(Path(cfg.subnet).read_text()))
+        if state is not None:
+            if not isinstance(state.get("subnet"), dict):
+                raise CheckpointError(f"{source}: the checkpoint of a --subnet run, but it records no 'subnet'")
+            subnet = Subnet(**state["subnet"])
+        else:
+            subnet = read_subnet(cfg.subnet)[1]
+            try:
+                space.validate(subnet)
+            except ValueError as e:
+                raise ValueError(f"--subnet {cfg.subnet}: {e}") from None
         if given is not None:
             model = extract(Supernet(space).load_weights(given["model"], source), subnet)
         else:
@@ -273,6 +283,13 @@ def train(cfg):
         raise ValueError("--subnet trains one fixed subnet: --init and --sandwich are for supernets (use --inherit)")
     if cfg.inherit and not cfg.subnet:
         raise ValueError("--inherit takes the weights of the subnet named by --subnet")
+    if not 0 < cfg.minival < 1:
+        raise ValueError(f"--minival {cfg.minival:g}: the fraction of the train images held out; expected a number "
+                         "strictly between 0 and 1, e.g. 0.05")
+    for flag, source in (("--init", cfg.init), ("--inherit", cfg.inherit)):
+        if source and not cfg.resume and Path(source).resolve() == ckpt_path.resolve():
+            raise ValueError(f"{flag} {source}: this run would write its own checkpoint {ckpt_path} over the file "
+                             f"it starts from; give the run an --out of its own, e.g. --out {out / 'retrain'}")
     dtype = DTYPES[cfg.dtype]
 
     # Data first: bad data fails here, before any training. Rank 0 writes the built-in set once.
@@ -294,6 +311,9 @@ def train(cfg):
     minival = held_out(loaders.minival, space.img_size)
 
     steps_per_epoch = len(loaders.train)
+    if steps_per_epoch == 0:  # drop_last: an epoch of fewer images than a batch has no step at all
+        raise ValueError(f"{root}: {len(loaders.train.sampler)} train images per process (minival held out), fewer "
+                         f"than --batch-size {cfg.batch_size}: not one step per epoch; lower --batch-size")
     total = cfg.epochs * steps_per_epoch
     scale = cfg.batch_size * world / 512  # DeiT's linear scaling rule: lr grows with the global batch
     schedule = {"total_steps": total, "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch),
@@ -365,7 +385,9 @@ def train(cfg):
                       f"lr {lr:.2e}  {(step - window[1]) * cfg.batch_size * world / (now - window[0]):5.0f} img/s  "
                       f"elapsed {clock(now - start_time)}  eta {clock(per_step * (stop - step))}", flush=True)
                 window = (now, step, [])
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+            # Not on an epoch's last step: the epoch-end save follows its evaluation, and a save before
+            # it would let a kill during the evaluation resume past the epoch and lose its history entry.
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step % steps_per_epoch:
                 save()
             if step == stop:
                 break
@@ -390,7 +412,7 @@ def train(cfg):
             if not cfg.subnet:
                 print("next: python search.py" + (f" --checkpoint {ckpt_path}" if cfg.out != "out" else ""))
         else:
-            print("next: python train.py --resume")
+            print("next: python train.py --resume" + (f" --out {cfg.out}" if cfg.out != "out" else ""))
     return {"model": model, "checkpoint": ckpt_path, "top1": final, "history": history}
 
 

@@ -52,7 +52,7 @@ def check(triton_op, torch_op, activations, params, dtype):
         runs.append((outs, [t.grad for t in leaves]))
     (outs, grads), (ref_outs, ref_grads) = runs
     for i, (o, r) in enumerate(zip(outs, ref_outs)):
-        assert o.shape == r.shape and o.dtype == low[0].dtype or o.dtype == torch.float32
+        assert o.shape == r.shape and o.dtype in (low[0].dtype, torch.float32)
         close(o, r, dtype, f"output {i}")
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert g.dtype == (low + params)[i].dtype

@@ -5,6 +5,7 @@ input gets one clear line and exit code 2. A tiny space and a 40-image data set 
 import dataclasses
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -154,12 +155,83 @@ def test_killed_search_resumes_to_the_same_result(checkpoint, tmp_path, monkeypa
         assert (tmp_path / "killed" / name).read_text() == (tmp_path / "whole" / name).read_text()
 
 
+@pytest.fixture
+def one_thread():
+    """One subnet scored at a time: with N threads, a kill loses up to N - 1 scores in flight, so
+    the number of calls before a kill would not say where the search stopped."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def kill_after(calls, monkeypatch):
+    """search.evaluate that raises KeyboardInterrupt, as a kill would, after `calls` scores."""
+    real, done = autoformer.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        if len(done) == calls:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(search, "evaluate", evaluate)
+
+
+def same_results(a, b):
+    return all((a / name).read_text() == (b / name).read_text() for name in ("candidates.jsonl", "best.json",
+                                                                             "pareto.json"))
+
+
+def test_a_fresh_search_in_an_old_ones_folder_replaces_its_state_at_once(checkpoint, tmp_path, monkeypatch,
+                                                                         one_thread):
+    old = config(checkpoint=str(checkpoint), params=":1M", out=str(tmp_path / "s"))
+    search.search(old)
+    new = dataclasses.replace(old, seed=5, params="20K:1M")
+    search.search(dataclasses.replace(new, out=str(tmp_path / "ref")))
+    kill_after(3, monkeypatch)  # in generation 0: the new search has not finished a generation
+    with pytest.raises(KeyboardInterrupt):
+        search.search(new)
+    state = json.loads((tmp_path / "s" / "state.json").read_text())
+    assert state["generations_done"] == 0 and state["config"]["seed"] == 5 and state["config"]["params"] == "20K:1M"
+    assert not any((tmp_path / "s" / name).exists() for name in ("best.json", "pareto.json", "search.png"))
+    monkeypatch.undo()
+    search.search(dataclasses.replace(old, resume=True))  # the old search's settings give way to the recorded ones
+    assert same_results(tmp_path / "s", tmp_path / "ref")
+
+
+def test_resume_scores_with_the_recorded_checkpoint_and_refuses_another(checkpoint, tmp_path, monkeypatch, capsys,
+                                                                        one_thread):
+    shutil.copy(checkpoint, tmp_path / "first.pt")
+    cfg = config(checkpoint=str(tmp_path / "first.pt"), params=":1M", out=str(tmp_path / "s"))
+    search.search(dataclasses.replace(cfg, out=str(tmp_path / "ref")))
+    kill_after(10, monkeypatch)  # in generation 1
+    with pytest.raises(KeyboardInterrupt):
+        search.search(cfg)
+    monkeypatch.setattr(search, "evaluate", autoformer.evaluate)
+    # Where --checkpoint points by default, another supernet of the same space, data and step.
+    monkeypatch.chdir(tmp_path)
+    other = torch.load(checkpoint, weights_only=True)
+    other["model"] = (torch.manual_seed(1), Supernet(TINY))[1].state_dict()
+    (tmp_path / "out").mkdir()
+    torch.save(other, tmp_path / "out" / "ckpt.pt")
+    fails(search.main, ["--resume", "--out", "s", "--checkpoint", "out/ckpt.pt"], capsys, "out/ckpt.pt: sha256",
+          f"scored with {tmp_path / 'first.pt'}")
+    kill_after(10, monkeypatch)  # in generation 2
+    with pytest.raises(KeyboardInterrupt):
+        search.main(["--resume", "--out", "s"])  # the recorded first.pt, not out/ckpt.pt
+    monkeypatch.setattr(search, "evaluate", autoformer.evaluate)
+    (tmp_path / "first.pt").rename(tmp_path / "moved.pt")  # the same file elsewhere: accepted
+    search.main(["--resume", "--out", "s", "--checkpoint", "moved.pt"])
+    assert same_results(tmp_path / "s", tmp_path / "ref")
+    assert json.loads((tmp_path / "s" / "state.json").read_text())["config"]["checkpoint"] == "moved.pt"
+
+
 def test_exported_model_equals_the_supernet(checkpoint, tmp_path):
     subnet = Subnet(24, [2.0, 1.0], [2, 1])
     (tmp_path / "best.json").write_text(subnet.to_json())
     autoformer.main(["export", "--checkpoint", str(checkpoint), "--subnet", str(tmp_path / "best.json"),
-                     "--out", str(tmp_path / "model.pt")])
-    model = autoformer.load_exported(tmp_path / "model.pt")
+                     "--out", str(tmp_path / "new" / "model.pt")])  # the folder is made
+    model = autoformer.load_exported(tmp_path / "new" / "model.pt")
     supernet = Supernet(TINY).load_weights(torch.load(checkpoint, weights_only=True)["model"], "test").eval()
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -192,7 +264,7 @@ def test_bad_input_gets_one_line_and_exit_code_2(checkpoint, tmp_path, capsys):
     fails(search.main, ["--checkpoint", str(tmp_path / "junk.pt")] + run, capsys, "not a readable checkpoint")
     other = dataclasses.replace(TINY, head_dim=16)  # the same layers, wider attention
     torch.save({"model": Supernet(other).state_dict(), "space": dataclasses.asdict(TINY)}, tmp_path / "other.pt")
-    fails(search.main, ["--checkpoint", str(tmp_path / "other.pt")] + run, capsys, "a checkpoint of another space?")
+    fails(search.main, ["--checkpoint", str(tmp_path / "other.pt")] + run, capsys, "weights of another space")
     fails(search.main, ["--checkpoint", str(checkpoint), "--params", "5M:6M"] + run, capsys,
           "no subnet of the space is inside", f"{search.mega(count_params(TINY, TINY.smallest()))} to")
     fails(search.main, ["--checkpoint", str(checkpoint), "--flops", ":1K"] + run, capsys, "--flops", "M flops")
@@ -207,5 +279,14 @@ def test_bad_input_gets_one_line_and_exit_code_2(checkpoint, tmp_path, capsys):
     fails(search.main, ["--checkpoint", str(tmp_path / "empty.pt")] + run, capsys, "do not fit")
     fails(search.main, ["--checkpoint", str(checkpoint), "--resume", "--out", str(tmp_path / "none")], capsys,
           "no search to resume")
+    fewer = data.ensure_synthetic(tmp_path / "fewer", n_train=20, n_val=10)  # held-out indices reach 38
+    fails(search.main, ["--checkpoint", str(checkpoint), "--data", str(fewer)] + run, capsys,
+          f"{fewer}: 20 train images", "index 38")
+    for split in ("train", "val"):
+        for name in ("a", "b", "c"):
+            (tmp_path / "three" / split / name).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(tmp_path / "three" / split / name / "0.png")
+    fails(search.main, ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "three")] + run, capsys,
+          f"{tmp_path / 'three'}: 3 classes", "has 10")
     fails(autoformer.main, ["evaluate", "--checkpoint", str(checkpoint), "--subnet", "autoformer-t"], capsys,
           "is not in the space")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoformer import AutoFormer, extract
+from autoformer import AutoFormer, export, extract, load_exported
 from kernels import relative_attention
 from supernet import (AUTOFORMER_B, AUTOFORMER_S, AUTOFORMER_T, SPACES, CheckpointError, Subnet, Supernet,
                       count_params, load_checkpoint, load_supernet)
@@ -257,6 +257,55 @@ def test_bad_subnet_json_and_lengths():
         Subnet.from_json("{embed_dim: 192")
     with pytest.raises(ValueError, match="2 mlp_ratios but 3 num_heads"):
         Subnet(192, [3.0, 3.0], [3, 3, 3])
+    with pytest.raises(ValueError, match=r"num_heads\[1\]=2.9: expected a whole number"):
+        Subnet(192, [3.0, 3.0], [3, 2.9])  # int() would make it 2, a valid choice
+    with pytest.raises(ValueError, match="embed_dim='192': expected a whole number"):
+        Subnet.from_json('{"embed_dim": "192", "mlp_ratios": [3.0], "num_heads": [3]}')
+
+
+def test_initialisation_is_the_official_one():
+    """Linear weights, tokens and tables ~ N(0, 0.02); linear biases 0; LayerNorms identity; the
+    patch conv left at PyTorch's default (the official _init_weights skips it, bias included)."""
+    torch.manual_seed(0)
+    for model in (Supernet(SMALL), AutoFormer(SMALL, SMALL.largest())):
+        for name, p in model.named_parameters():
+            if "patch_embed" in name:
+                bound = (SMALL.in_chans * SMALL.patch_size**2) ** -0.5  # nn.Conv2d's default: U(-bound, bound)
+                assert 0.3 * bound < p.abs().max() <= bound, name
+            elif "norm" in name:
+                assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+            elif name.endswith("bias"):
+                assert torch.all(p == 0), name
+            else:
+                assert 0.012 < p.std() < 0.03, name
+
+
+def test_training_right_after_an_evaluation_in_inference_mode():
+    import attention
+    attention.slot_buckets.cache_clear()
+    attention.key_slots.cache_clear()
+    model, x = random_model(SMALL, 6, torch.float32), torch.randn(2, 3, 20, 20)
+    with torch.inference_mode():  # as autoformer.evaluate: the index tables are first built here
+        model(x, SMALL.largest())
+    model(x, SMALL.largest()).sum().backward()  # and saved for this backward
+    assert model.blocks[0].attn.rel_pos_embed_v.embeddings_table_v.grad.abs().sum() > 0
+
+
+def test_exported_model_loads_and_damaged_ones_are_named(tmp_path):
+    model, subnet = random_model(SMALL, 7, torch.float32).eval(), SMALL.smallest()
+    path = tmp_path / "model.pt"
+    export(model, subnet, path)
+    x = torch.randn(2, 3, 20, 20)
+    assert torch.allclose(load_exported(path)(x), model(x, subnet), atol=1e-5)
+    saved = torch.load(path, weights_only=True)
+    del saved["model"]["head.bias"]
+    torch.save(saved, path)
+    with pytest.raises(CheckpointError, match=r"model.pt: the weights do not fit this AutoFormer: missing keys \['head.bias'\]"):
+        load_exported(path)
+    saved["subnet"]["num_heads"] = 3
+    torch.save(saved, path)
+    with pytest.raises(CheckpointError, match="model.pt: the recorded 'subnet' is not a subnet"):
+        load_exported(path)
 
 
 def test_wrong_image_size_is_named():
@@ -280,8 +329,12 @@ def test_checkpoints_load_and_bad_ones_are_named(tmp_path):
     wider = tmp_path / "wider.pth"
     torch.save({"model": Supernet(other).state_dict()}, wider)
     with pytest.raises(CheckpointError, match=r"wider.pth: cls_token has shape \(1, 1, 64\), "
-                                              r"this space needs \(1, 1, 48\)"):
+                                              r"this Supernet needs \(1, 1, 48\)"):
         load_supernet(wider, SMALL)
+    odd_space = tmp_path / "odd_space.pt"
+    torch.save({"model": model.state_dict(), "space": dict(dataclasses.asdict(SMALL), window=3)}, odd_space)
+    with pytest.raises(CheckpointError, match="odd_space.pt: the recorded 'space' is not a search space"):
+        load_supernet(odd_space)
     with pytest.raises(CheckpointError, match="ours.pt: trained in space"):
         load_supernet(ours, other)
     with pytest.raises(CheckpointError, match="records no search space"):

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import data
 import train
 from autoformer import AutoFormer, extract
-from supernet import SPACES, Supernet, load_checkpoint
+from supernet import SPACES, Subnet, Supernet, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,22 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_set
     assert load_checkpoint(resumed["checkpoint"])["step"] == 16
 
 
+def test_a_kill_during_the_end_of_epoch_evaluation_keeps_the_epoch(tiny_set, tmp_path, monkeypatch):
+    whole = train.train(tiny_cfg(tiny_set, tmp_path / "whole", epochs=1, ckpt_every=4))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = train.accuracies
+    monkeypatch.setattr(train, "accuracies", killed)  # the process dies as epoch 1 is evaluated
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_cfg(tiny_set, tmp_path / "cut", epochs=1, ckpt_every=4))
+    assert load_checkpoint(tmp_path / "cut" / "ckpt.pt")["step"] == 4  # not step 8, the epoch's last
+    monkeypatch.setattr(train, "accuracies", real)
+    resumed = train.train(tiny_cfg(tiny_set, tmp_path / "cut", resume=True))
+    assert resumed["history"] == whole["history"]
+
+
 def _rank_worker(rank, cfg, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
@@ -159,12 +175,36 @@ def test_the_command_line_trains_writes_checkpoint_and_curves_and_prints_a_summa
     assert ckpt["step"] == 4 and len(ckpt["data"]["minival"]["indices"]) == 10
 
 
-def test_bad_input_is_one_line_on_stderr_and_exit_status_2(tmp_path, capsys):
+def fails(argv, capsys, *needles):
+    with pytest.raises(SystemExit) as exit:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_bad_input_is_one_line_on_stderr_and_exit_status_2(tiny_set, tmp_path, capsys):
     for argv in (["--data", str(tmp_path / "missing")], ["--space", "huge"], ["--resume", "--out", str(tmp_path)]):
-        with pytest.raises(SystemExit) as exit:
-            train.main(argv)
-        err = capsys.readouterr().err
-        assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        fails(argv, capsys)
+    run = ["--data", str(tiny_set), "--out", str(tmp_path / "run"), "--minival", "0.1", "--workers", "0"]
+    fails(run + ["--batch-size", "71"], capsys, f"{tiny_set}: 70 train images per process", "--batch-size 71")
+    for fraction in ("0", "1"):
+        fails(run + ["--minival", fraction], capsys, f"--minival {fraction}:", "between 0 and 1")
+    for name, text in (("badtype.json", '{"embed_dim": 64, "mlp_ratios": 2.0, "num_heads": [2, 2, 2, 2]}'),
+                       ("notjson.json", "not json"), ("outside.json", Subnet(64, [9.0], [2]).to_json())):
+        (tmp_path / name).write_text(text)
+        fails(run + ["--subnet", str(tmp_path / name)], capsys, str(tmp_path / name))
+
+
+def test_a_run_may_not_write_over_the_checkpoint_it_starts_from(tmp_path, capsys):
+    (tmp_path / "ckpt.pt").write_bytes(b"the supernet")
+    (tmp_path / "sub.json").write_text(SPACES["cpu"].smallest().to_json())
+    (tmp_path / "sub").mkdir()
+    same = str(tmp_path / "sub" / ".." / "ckpt.pt")  # another spelling of OUT/ckpt.pt
+    for flags in (["--subnet", str(tmp_path / "sub.json"), "--inherit", same], ["--init", same]):
+        fails(["--out", str(tmp_path)] + flags, capsys, f"{flags[-2]} {same}", str(tmp_path / "ckpt.pt"), "--out")
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"the supernet"
 
 
 def test_subnet_trains_standalone_from_the_inherited_weights(tiny_set, tmp_path):
@@ -184,6 +224,20 @@ def test_subnet_trains_standalone_from_the_inherited_weights(tiny_set, tmp_path)
     fresh = (torch.manual_seed(0), AutoFormer(space, subnet))[1]  # train.py seeds with cfg.seed = 0
     assert not torch.equal(scratch["model"].head.weight, fresh.head.weight)
     assert load_checkpoint(scratch["checkpoint"])["subnet"] == json.loads(subnet.to_json())
+
+
+def test_a_resumed_subnet_run_reads_its_own_checkpoint_not_the_files_it_began_with(tiny_set, tmp_path):
+    space = SPACES["cpu"]
+    torch.save({"model": Supernet(space).state_dict(), "space": train.dataclasses.asdict(space)}, tmp_path / "super.pt")
+    subnet, other = space.smallest(), space.largest()
+    (tmp_path / "sub.json").write_text(subnet.to_json())
+    cfg = tiny_cfg(tiny_set, tmp_path / "out", subnet=str(tmp_path / "sub.json"), inherit=str(tmp_path / "super.pt"),
+                   epochs=1)
+    train.train(train.dataclasses.replace(cfg, max_steps=2))
+    (tmp_path / "sub.json").write_text(other.to_json())  # a later search's winner
+    (tmp_path / "super.pt").unlink()
+    resumed = train.train(train.dataclasses.replace(cfg, resume=True))
+    assert resumed["model"].subnet == subnet and load_checkpoint(resumed["checkpoint"])["step"] == 8
 
 
 def test_init_loads_an_official_checkpoint_that_records_no_space(tiny_set, tmp_path):
