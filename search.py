@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 import plot
 from autoformer import evaluate, extract, load_split
-from supernet import Subnet, Supernet, count_flops, count_params, load_checkpoint, space_of
+from supernet import (Subnet, Supernet, count_flops, count_params, load_checkpoint, refuse_changed_settings,
+                      space_of)
 
 
 @dataclass
@@ -307,6 +308,7 @@ def search(cfg):
             scored_with = state["checkpoint_sha256"]
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{state_path}: not the state of a search by this search.py ({e})") from None
+        refuse_changed_settings(cfg, recorded, RUNTIME_FIELDS + ("checkpoint",), state_path)
         # A checkpoint named here may be the recorded one moved; the fingerprint below tells.
         cfg = dataclasses.replace(recorded, checkpoint=cfg.checkpoint or recorded.checkpoint,
                                   **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})

@@ -384,3 +384,14 @@ def load_supernet(path, space=None):
     checkpoint = load_checkpoint(path)
     space = space_of(checkpoint, path, space)
     return Supernet(space).load_weights(checkpoint["model"], path)
+
+
+def refuse_changed_settings(given, recorded, runtime_fields, path):
+    """--resume continues a run with its recorded settings: a flag that would change one of them (one
+    given with a value other than its default and the run's) is an error, not silently dropped."""
+    changed = [f"--{f.name.replace('_', '-')} {getattr(given, f.name)} (the run has {getattr(recorded, f.name)})"
+               for f in dataclasses.fields(given) if f.name not in runtime_fields
+               and getattr(given, f.name) not in (f.default, getattr(recorded, f.name))]
+    if changed:
+        raise ValueError(f"{path}: --resume continues the run with its recorded settings, but {', '.join(changed)}: "
+                         "drop the flag, or start afresh in another --out")

@@ -34,7 +34,8 @@ import torch.distributed as dist
 import data
 import plot
 from autoformer import AutoFormer, evaluate, extract, read_subnet
-from supernet import SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, space_of
+from supernet import (SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, refuse_changed_settings,
+                      space_of)
 
 
 @dataclass
@@ -272,7 +273,9 @@ def train(cfg):
     ckpt_path = out / "ckpt.pt"
     state = load_checkpoint(ckpt_path) if cfg.resume else None
     if state is not None:  # the recorded run, with this invocation's run-time knobs
-        cfg = dataclasses.replace(TrainConfig(**state["config"]), **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+        recorded = TrainConfig(**state["config"])
+        refuse_changed_settings(cfg, recorded, RUNTIME_FIELDS, ckpt_path)
+        cfg = dataclasses.replace(recorded, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
     if cfg.space not in SPACES:
         raise ValueError(f"--space {cfg.space}: choose one of {', '.join(SPACES)}")
     if cfg.dtype not in DTYPES:

@@ -122,7 +122,7 @@ def test_a_kill_during_the_end_of_epoch_evaluation_keeps_the_epoch(tiny_set, tmp
         train.train(tiny_cfg(tiny_set, tmp_path / "cut", epochs=1, ckpt_every=4))
     assert load_checkpoint(tmp_path / "cut" / "ckpt.pt")["step"] == 4  # not step 8, the epoch's last
     monkeypatch.setattr(train, "accuracies", real)
-    resumed = train.train(tiny_cfg(tiny_set, tmp_path / "cut", resume=True))
+    resumed = train.train(tiny_cfg(tiny_set, tmp_path / "cut", epochs=1, ckpt_every=4, resume=True))
     assert resumed["history"] == whole["history"]
 
 
@@ -195,6 +195,17 @@ def test_bad_input_is_one_line_on_stderr_and_exit_status_2(tiny_set, tmp_path, c
                        ("notjson.json", "not json"), ("outside.json", Subnet(64, [9.0], [2]).to_json())):
         (tmp_path / name).write_text(text)
         fails(run + ["--subnet", str(tmp_path / name)], capsys, str(tmp_path / name))
+
+
+def test_resume_refuses_a_flag_that_would_change_the_recorded_run(tiny_set, tmp_path, capsys):
+    run = ["--data", str(tiny_set), "--out", str(tmp_path / "run"), "--minival", "0.1", "--workers", "0",
+           "--epochs", "2", "--batch-size", "8", "--dtype", "fp32"]
+    train.main(run + ["--max-steps", "1"])
+    capsys.readouterr()
+    fails(["--resume", "--out", str(tmp_path / "run"), "--epochs", "3", "--lr", "0.008"], capsys,
+          "--resume continues the run with its recorded settings", "--epochs 3 (the run has 2)")
+    train.main(run + ["--resume", "--max-steps", "2"])  # the same settings again, and a run-time one: fine
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
 
 
 def test_a_run_may_not_write_over_the_checkpoint_it_starts_from(tmp_path, capsys):
