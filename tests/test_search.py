@@ -213,7 +213,8 @@ def test_resume_scores_with_the_recorded_checkpoint_and_refuses_another(checkpoi
     # Where --checkpoint points by default, another supernet of the same space, data and step.
     monkeypatch.chdir(tmp_path)
     other = torch.load(checkpoint, weights_only=True)
-    other["model"] = (torch.manual_seed(1), Supernet(TINY))[1].state_dict()
+    torch.manual_seed(1)
+    other["model"] = Supernet(TINY).state_dict()
     (tmp_path / "out").mkdir()
     torch.save(other, tmp_path / "out" / "ckpt.pt")
     fails(search.main, ["--resume", "--out", "s", "--checkpoint", "out/ckpt.pt"], capsys, "out/ckpt.pt: sha256",
