@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 import plot
 from autoformer import evaluate, extract, load_split
-from supernet import (Subnet, Supernet, count_flops, count_params, load_checkpoint, refuse_changed_settings,
-                      space_of)
+from supernet import (Subnet, Supernet, count_flops, count_params, load_checkpoint, parse_config,
+                      refuse_changed_settings, space_of)
 
 
 @dataclass
@@ -293,8 +293,10 @@ def latency_check(supernet, cfg, path, rank, world):
     return latency
 
 
-def search(cfg):
-    """Run the search `cfg` describes, write OUT; return the summary (rank 0) or None."""
+def search(cfg, typed=frozenset()):
+    """Run the search `cfg` describes, write OUT; return the summary (rank 0) or None. `typed`: the
+    flags given on the command line; with --resume, those outside RUNTIME_FIELDS and --checkpoint
+    must agree with the recorded search (the rest of `cfg` gives way to it)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(cfg.out or Path(cfg.checkpoint or DEFAULT_CHECKPOINT).parent / "search")
     state_path, log_path = out / "state.json", out / "candidates.jsonl"
@@ -308,7 +310,7 @@ def search(cfg):
             scored_with = state["checkpoint_sha256"]
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{state_path}: not the state of a search by this search.py ({e})") from None
-        refuse_changed_settings(cfg, recorded, RUNTIME_FIELDS + ("checkpoint",), state_path)
+        refuse_changed_settings(cfg, recorded, typed - {*RUNTIME_FIELDS, "checkpoint"}, state_path)
         # A checkpoint named here may be the recorded one moved; the fingerprint below tells.
         cfg = dataclasses.replace(recorded, checkpoint=cfg.checkpoint or recorded.checkpoint,
                                   **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
@@ -425,15 +427,15 @@ def parse_args(argv):
         else:
             p.add_argument(flag, type=f.type, default=f.default, choices=f.metadata.get("choices"),
                            help=f.metadata["help"] + " (default: %(default)s)")
-    return SearchConfig(**vars(p.parse_args(argv)))
+    return parse_config(p, SearchConfig, argv)
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, typed = parse_args(argv)
     if "LOCAL_RANK" in os.environ:  # started by torchrun: gloo works on CPUs and GPUs alike
         dist.init_process_group("gloo")
     try:
-        search(cfg)
+        search(cfg, typed)
     except (ValueError, OSError) as e:  # bad input, CheckpointError, DataError: one line, exit 2
         print(f"search.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -386,12 +386,22 @@ def load_supernet(path, space=None):
     return Supernet(space).load_weights(checkpoint["model"], path)
 
 
-def refuse_changed_settings(given, recorded, runtime_fields, path):
-    """--resume continues a run with its recorded settings: a flag that would change one of them (one
-    given with a value other than its default and the run's) is an error, not silently dropped."""
+def parse_config(parser, config_class, argv):
+    """(config, the names of the flags typed on the command line). A flag typed with its default
+    value counts as typed, so that --resume can tell `--epochs 20` from no --epochs at all."""
+    unset = object()  # argparse fills in a default only where the namespace has no value yet
+    fields = {f.name: f.default for f in dataclasses.fields(config_class)}
+    args = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset))))
+    typed = frozenset(name for name, value in args.items() if value is not unset)
+    return config_class(**{name: fields[name] if value is unset else value for name, value in args.items()}), typed
+
+
+def refuse_changed_settings(given, recorded, typed, path):
+    """--resume continues a run with its recorded settings: a typed flag (`typed`: field names) whose
+    value differs from the run's is an error, not silently dropped."""
     changed = [f"--{f.name.replace('_', '-')} {getattr(given, f.name)} (the run has {getattr(recorded, f.name)})"
-               for f in dataclasses.fields(given) if f.name not in runtime_fields
-               and getattr(given, f.name) not in (f.default, getattr(recorded, f.name))]
+               for f in dataclasses.fields(given) if f.name in typed
+               and getattr(given, f.name) != getattr(recorded, f.name)]
     if changed:
         raise ValueError(f"{path}: --resume continues the run with its recorded settings, but {', '.join(changed)}: "
                          "drop the flag, or start afresh in another --out")

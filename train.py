@@ -34,8 +34,8 @@ import torch.distributed as dist
 import data
 import plot
 from autoformer import AutoFormer, evaluate, extract, read_subnet
-from supernet import (SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, refuse_changed_settings,
-                      space_of)
+from supernet import (SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, parse_config,
+                      refuse_changed_settings, space_of)
 
 
 @dataclass
@@ -266,15 +266,17 @@ def clock(seconds):
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
-def train(cfg):
-    """Run the training that `cfg` describes. Returns {"model", "checkpoint", "top1", "history"}."""
+def train(cfg, typed=frozenset()):
+    """Run the training that `cfg` describes. Returns {"model", "checkpoint", "top1", "history"}.
+    `typed`: the flags given on the command line; with --resume, those outside RUNTIME_FIELDS must
+    agree with the recorded run (the rest of `cfg` gives way to it)."""
     rank, world, device = setup_distributed()
     out = Path(cfg.out)
     ckpt_path = out / "ckpt.pt"
     state = load_checkpoint(ckpt_path) if cfg.resume else None
     if state is not None:  # the recorded run, with this invocation's run-time knobs
         recorded = TrainConfig(**state["config"])
-        refuse_changed_settings(cfg, recorded, RUNTIME_FIELDS, ckpt_path)
+        refuse_changed_settings(cfg, recorded, typed - set(RUNTIME_FIELDS), ckpt_path)
         cfg = dataclasses.replace(recorded, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
     if cfg.space not in SPACES:
         raise ValueError(f"--space {cfg.space}: choose one of {', '.join(SPACES)}")
@@ -426,13 +428,13 @@ def parse_args(argv):
             p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
         else:
             p.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default, help=f.metadata["help"])
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return parse_config(p, TrainConfig, argv)
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, typed = parse_args(argv)
     try:
-        train(cfg)
+        train(cfg, typed)
     except (data.DataError, ValueError) as e:  # bad data, checkpoint (CheckpointError) or flags: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
