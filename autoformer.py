@@ -65,7 +65,7 @@ class AutoFormer(nn.Module):
                                     for heads, hidden in zip(subnet.num_heads, subnet.hidden_dims()))
         self.norm = nn.LayerNorm(E)
         self.head = nn.Linear(E, space.num_classes)
-        official_init(self)  # for training from scratch (train.py --subnet); extract overwrites it all
+        official_init(self)  # for training from scratch (train.py --subnet)
 
     def forward(self, images):
         check_images(images, self.space)
@@ -80,7 +80,9 @@ class AutoFormer(nn.Module):
 def extract(supernet, subnet):
     """Copy the weights `subnet` uses out of `supernet` into a new AutoFormer."""
     space = supernet.space
-    model = AutoFormer(space, subnet).to(supernet.pos_embed.device, supernet.pos_embed.dtype)
+    with torch.device("meta"):  # every tensor is copied in below: no initialisation to pay for
+        model = AutoFormer(space, subnet)
+    model = model.to_empty(device=supernet.pos_embed.device).to(supernet.pos_embed.dtype)
     E, D = subnet.embed_dim, space.head_dim
 
     def take(dst, src, *sizes):  # dst <- the leading block of src
