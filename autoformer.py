@@ -230,7 +230,7 @@ def main(argv=None):
                 print(f"{i:5d}  {heads:5d}  {ratio:9g}  {hidden:6d}")
             return
         checkpoint = load_checkpoint(args.checkpoint)
-        supernet = Supernet(space_of(checkpoint, args.checkpoint)).load_weights(checkpoint["model"], args.checkpoint)
+        supernet = load_weights(Supernet(space_of(checkpoint, args.checkpoint)), checkpoint["model"], args.checkpoint)
         supernet.space.validate(subnet)
         if args.command == "export":
             export(supernet, subnet, args.out)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 import plot
 from autoformer import evaluate, extract, load_split
-from supernet import (Subnet, Supernet, count_flops, count_params, load_checkpoint, parse_config,
+from supernet import (Subnet, Supernet, count_flops, count_params, load_checkpoint, load_weights, parse_config,
                       refuse_changed_settings, space_of)
 
 
@@ -326,7 +326,7 @@ def search(cfg, typed=frozenset()):
                          "with that checkpoint, or start afresh without --resume")
     bounds = windows(space, cfg)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    supernet = Supernet(space).load_weights(checkpoint["model"], cfg.checkpoint).to(device).eval()
+    supernet = load_weights(Supernet(space), checkpoint["model"], cfg.checkpoint).to(device).eval()
     # Scoring runs a copy cast to bf16 once: autocast would cast each weight slice in every forward (20% slower).
     scorer = Supernet(space).to(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]).eval()
     scorer.load_state_dict(supernet.state_dict())

@@ -318,10 +318,6 @@ class Supernet(nn.Module):
         x = x[:, 1:].mean(dim=1)  # (B, E): mean of the patch tokens, as the official `gp`
         return sliced_linear(x, self.head.weight, self.head.bias, self.space.num_classes)
 
-    def load_weights(self, state_dict, source):
-        """Load a project or official state dict, naming `source` and any key or shape that differs."""
-        return load_weights(self, state_dict, source)
-
 
 class CheckpointError(ValueError):
     pass
@@ -383,7 +379,7 @@ def load_supernet(path, space=None):
     """The supernet of a checkpoint file, ready to run: `load_supernet("out/ckpt.pt")`."""
     checkpoint = load_checkpoint(path)
     space = space_of(checkpoint, path, space)
-    return Supernet(space).load_weights(checkpoint["model"], path)
+    return load_weights(Supernet(space), checkpoint["model"], path)
 
 
 def parse_config(parser, config_class, argv):

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import data
 import plot
 from autoformer import AutoFormer, evaluate, extract, read_subnet
-from supernet import (SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, parse_config,
+from supernet import (SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, load_weights, parse_config,
                       refuse_changed_settings, space_of)
 
 
@@ -226,14 +226,14 @@ def build_model(cfg, state, num_classes):
             except ValueError as e:
                 raise ValueError(f"--subnet {cfg.subnet}: {e}") from None
         if given is not None:
-            model = extract(Supernet(space).load_weights(given["model"], source), subnet)
+            model = extract(load_weights(Supernet(space), given["model"], source), subnet)
         else:
             model = AutoFormer(space, subnet)
         fixed = {"subnet": subnet}
     else:
         model = Supernet(space, cfg.drop_path)
         if given is not None:
-            model.load_weights(given["model"], source)
+            load_weights(model, given["model"], source)
         fixed = fixed_subnets(space)
     if state is not None:
         model.load_state_dict(state["model"])

@@ -14,7 +14,7 @@ from PIL import Image
 import autoformer
 import data
 import search
-from supernet import SPACES, Subnet, Supernet, count_params
+from supernet import SPACES, Subnet, Supernet, count_params, load_weights
 
 TINY = dataclasses.replace(SPACES["cpu"], embed_dims=(16, 24, 32), mlp_ratios=(1.0, 2.0), num_heads=(1, 2),
                            depths=(1, 2, 3), head_dim=8, patch_size=8, max_relative_position=3)
@@ -235,7 +235,7 @@ def test_exported_model_equals_the_supernet(checkpoint, tmp_path):
     autoformer.main(["export", "--checkpoint", str(checkpoint), "--subnet", str(tmp_path / "best.json"),
                      "--out", str(tmp_path / "new" / "model.pt")])  # the folder is made
     model = autoformer.load_exported(tmp_path / "new" / "model.pt")
-    supernet = Supernet(TINY).load_weights(torch.load(checkpoint, weights_only=True)["model"], "test").eval()
+    supernet = load_weights(Supernet(TINY), torch.load(checkpoint, weights_only=True)["model"], "test").eval()
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(images), supernet(images, subnet), rtol=1e-5, atol=1e-5)

@@ -300,7 +300,8 @@ def test_exported_model_loads_and_damaged_ones_are_named(tmp_path):
     saved = torch.load(path, weights_only=True)
     del saved["model"]["head.bias"]
     torch.save(saved, path)
-    with pytest.raises(CheckpointError, match=r"model.pt: the weights do not fit this AutoFormer: missing keys \['head.bias'\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"model.pt: the weights do not fit this AutoFormer: missing keys \['head.bias'\]"):
         load_exported(path)
     saved["subnet"]["num_heads"] = 3
     torch.save(saved, path)

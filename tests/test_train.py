@@ -203,7 +203,8 @@ def test_resume_refuses_a_flag_that_would_change_the_recorded_run(tiny_set, tmp_
     train.main(run + ["--max-steps", "1"])
     capsys.readouterr()
     fails(["--resume", "--out", str(tmp_path / "run"), "--epochs", "20", "--lr", "0.01"], capsys,  # 20: the default
-          "--resume continues the run with its recorded settings", "--epochs 20 (the run has 2), --lr 0.01 (the run has")
+          "--resume continues the run with its recorded settings",
+          "--epochs 20 (the run has 2), --lr 0.01 (the run has")
     train.main(run + ["--resume", "--max-steps", "2"])  # the same settings again, and a run-time one: fine
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
 
