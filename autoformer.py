@@ -13,7 +13,6 @@ and `load_exported("model.pt")` gives the exported model back.
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.nn as nn
 import data
 from kernels import relative_attention
 from supernet import (PUBLISHED, SPACES, CheckpointError, RelativePosition2D, Subnet, Supernet, check_images,
-                      count_flops, count_params, load_checkpoint, load_weights, official_init, space_of)
+                      count_flops, count_params, load_checkpoint, load_weights, official_init, space_of, write_atomic)
 
 
 class Block(nn.Module):
@@ -169,13 +168,9 @@ def load_split(checkpoint, path, split, root=None):
 
 def export(supernet, subnet, path):
     """Save `subnet` as a standalone AutoFormer: its weights, its subnet and its space."""
-    model = extract(supernet, subnet)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "space": dataclasses.asdict(supernet.space),
-                "subnet": json.loads(subnet.to_json())}, tmp)
-    os.replace(tmp, path)
+    exported = {"model": extract(supernet, subnet).state_dict(), "space": dataclasses.asdict(supernet.space),
+                "subnet": json.loads(subnet.to_json())}
+    write_atomic(path, lambda f: torch.save(exported, f))
 
 
 def load_exported(path):

@@ -51,7 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import aot
 import data
 import launch
-from supernet import SPACES, SearchSpace, Subnet, Supernet, count_flops
+from supernet import SPACES, SearchSpace, Subnet, Supernet, config_parser, count_flops, write_atomic
 
 SPACE_NAMES = ("tiny", "small", "base")
 
@@ -449,18 +449,8 @@ def cpu_name():
         return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
 
 
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(BenchConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default, help=f.metadata["help"])
+    p = config_parser(BenchConfig, __doc__)
     p.add_argument("--child", default="", help=argparse.SUPPRESS)  # internal: see start_child
     args = vars(p.parse_args())
     return BenchConfig(**{k: v for k, v in args.items() if k != "child"}), args["child"]
@@ -489,7 +479,7 @@ def main():
         rows += SECTION_FNS[name](cfg, impls, results)
         results["env"]["loadavg_end"] = os.getloadavg()
         results["ratios"] = {label: proj / off for label, proj, off, _ in rows if off is not None}
-        write_json(cfg.out, results)  # after every section, so that a long run killed midway leaves something
+        write_atomic(cfg.out, json.dumps(results, indent=1))  # after every section: a run killed midway leaves some
     print_table(rows)
     print(f"\nwrote {cfg.out}")
 

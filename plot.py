@@ -2,10 +2,9 @@
 train.py's training curves and search.py's accuracy-against-parameters scatter.
 
 Both are pixel arithmetic, not what those scripts teach, so they live here, with the one rule they
-share: axes carry round ticks (`ticks`). Every picture is written atomically (`save`).
+share: axes carry round ticks (`ticks`). Each returns a PIL image; the scripts write it (atomically).
 """
 import math
-import os
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -28,13 +27,6 @@ def colour(t):
     t = min(max(t, 0.0), 1.0) * (len(PALETTE) - 1)
     i = min(int(t), len(PALETTE) - 2)
     return tuple(round(a + (t - i) * (b - a)) for a, b in zip(PALETTE[i], PALETTE[i + 1]))
-
-
-def save(image, path):
-    """Write a PNG atomically: a crash leaves the previous picture, never half a file."""
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
 
 
 def line_chart(draw, left, series, xlabel, ylabel, size=(480, 320), margin=56):
@@ -70,7 +62,7 @@ def line_chart(draw, left, series, xlabel, ylabel, size=(480, 320), margin=56):
         draw.text((box[0] + 8, box[1] + 6 + 14 * i), name, fill=colour_i)
 
 
-def training_curves(history, path):
+def training_curves(history):
     """train.py's OUT/curves.png: the logged training loss by step (left) and the fixed subnets'
     top-1 on the held-out split by epoch (right)."""
     image = Image.new("RGB", (960, 320), "white")
@@ -79,10 +71,10 @@ def training_curves(history, path):
     accuracy = {name: [(e["epoch"], e["top1"][name]) for e in history["epochs"]]
                 for name in (history["epochs"][0]["top1"] if history["epochs"] else {})}
     line_chart(draw, 480, accuracy, "epoch", "top-1 % on minival")
-    save(image, path)
+    return image
 
 
-def search_scatter(records, front, band, space_range, title, path):
+def search_scatter(records, front, band, space_range, title):
     """search.py's OUT/search.png: held-out top-1 against parameters for every scored subnet,
     coloured by generation; the Pareto front as a staircase, the parameter window shaded, the best
     subnet ringed. `band` is the window and `space_range` the space's smallest and largest counts."""
@@ -132,4 +124,4 @@ def search_scatter(records, front, band, space_range, title, path):
     draw.text(((bar[0] + bar[2]) / 2, bar[1] - 10), "generation", fill="black", anchor="md", font=small)
     draw.line((bar[0] - 20, bar[3] + 30, bar[0] + 2, bar[3] + 30), fill=FRONT, width=2)
     draw.text((bar[0] + 6, bar[3] + 30), "Pareto front", fill="black", anchor="lm", font=small)
-    save(image, path)
+    return image

@@ -16,7 +16,6 @@ them and refilling the population of 50 with random subnets: 1,050 subnets score
 Writes OUT (default: the checkpoint's folder/search): candidates.jsonl (every scored subnet),
 best.json (a Subnet), pareto.json, search.png, latency.jsonl (with --latency-ms) and state.json.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -34,8 +33,8 @@ import torch.distributed as dist
 
 import plot
 from autoformer import evaluate, extract, load_split
-from supernet import (Subnet, Supernet, count_flops, count_params, load_checkpoint, load_weights, parse_config,
-                      refuse_changed_settings, space_of)
+from supernet import (Subnet, Supernet, config_parser, count_flops, count_params, load_checkpoint, load_weights,
+                      parse_config, refuse_changed_settings, space_of, write_atomic)
 
 
 @dataclass
@@ -259,12 +258,6 @@ def append_jsonl(path, row):
         f.write(json.dumps(row) + "\n")
 
 
-def write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def file_sha256(path):
     """The hex sha256 of a file, read in 1 MiB blocks: a supernet checkpoint can be large."""
     digest = hashlib.sha256()
@@ -404,8 +397,9 @@ def search(cfg, typed=frozenset()):
     write_atomic(out / "best.json", subnet.to_json() + "\n")
     write_atomic(out / "pareto.json", json.dumps(front, indent=1))
     extremes = (count_params(space, space.smallest()), count_params(space, space.largest()))
-    plot.search_scatter(rows, front, bounds["params"][1], extremes,
-                        f"{cfg.algorithm}, seed {cfg.seed}: {len(rows)} subnets, {window_text}", out / "search.png")
+    picture = plot.search_scatter(rows, front, bounds["params"][1], extremes,
+                                  f"{cfg.algorithm}, seed {cfg.seed}: {len(rows)} subnets, {window_text}")
+    write_atomic(out / "search.png", lambda f: picture.save(f, "PNG"))
     summary = {"best": best, "scored": len(rows), "seconds": time.time() - start}
     save_state(cfg.generations + 1, result=summary)
     print(f"best: held-out top-1 {best['top1']:.2f}%, val top-1 {best['val_top1']:.2f}% (fp32), {mega(best['params'])} "
@@ -419,15 +413,7 @@ def search(cfg, typed=frozenset()):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(SearchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, choices=f.metadata.get("choices"),
-                           help=f.metadata["help"] + " (default: %(default)s)")
-    return parse_config(p, SearchConfig, argv)
+    return parse_config(config_parser(SearchConfig, __doc__), SearchConfig, argv)
 
 
 def main(argv=None):

@@ -6,11 +6,16 @@ layer of the subnet reads the leading block W[:out, :in] of the super layer (ker
 rule), so training one subnet trains every subnet that overlaps it. The module and parameter names
 follow the official implementation (github microsoft/Cream, folder AutoFormer), so its released
 supernet checkpoints load into `Supernet` unchanged.
+
+After the model come the file and command-line helpers every script shares: reading checkpoints
+(`load_checkpoint`), writing any file atomically (`write_atomic`), one flag per config field
+(`config_parser`) and --resume's checks.
 """
 import argparse
 import dataclasses
 import json
 import operator
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,6 +344,27 @@ def load_weights(model, state_dict, source):
     return model
 
 
+def write_atomic(path, contents):
+    """Write a file so that a crash at any moment leaves the old file or the new one, never a torn
+    one: into a temporary file beside it, flushed to disk, then renamed over it. `contents` is text,
+    or a function that writes into the binary file it is given (`lambda f: torch.save(obj, f)`).
+    Creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(contents, str):
+                f.write(contents.encode())
+            else:
+                contents(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left where writing failed
+
+
 def load_checkpoint(path):
     """Read a checkpoint (this project's or an official AutoFormer one) without unpickling code.
 
@@ -380,6 +406,21 @@ def load_supernet(path, space=None):
     checkpoint = load_checkpoint(path)
     space = space_of(checkpoint, path, space)
     return load_weights(Supernet(space), checkpoint["model"], path)
+
+
+def config_parser(config_class, description):
+    """A command line with one flag per field of a config dataclass: --batch-size for batch_size, of
+    the field's type and default, with the help and the choices of its metadata; booleans are
+    switches."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(config_class):
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, choices=f.metadata.get("choices"),
+                           help=text + (" (default: %(default)s)" if f.default != "" else ""))
+    return p
 
 
 def parse_config(parser, config_class, argv):

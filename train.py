@@ -17,7 +17,6 @@ every batch, the smaller ones distilled from the largest's predictions (BigNAS, 
 
 Writes OUT/ckpt.pt (every epoch and every --ckpt-every steps, atomically) and OUT/curves.png.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -34,8 +33,8 @@ import torch.distributed as dist
 import data
 import plot
 from autoformer import AutoFormer, evaluate, extract, read_subnet
-from supernet import (SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, load_weights, parse_config,
-                      refuse_changed_settings, space_of)
+from supernet import (SPACES, CheckpointError, Subnet, Supernet, config_parser, load_checkpoint, load_weights,
+                      parse_config, refuse_changed_settings, space_of, write_atomic)
 
 
 @dataclass
@@ -171,17 +170,6 @@ def train_step(model, opt, scaler, images, targets, subnets, dtype, cfg, world):
     return loss[0].item()
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash at any
-    moment leaves either the old file or the new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def setup_distributed():
     """(rank, world size, device): under torchrun one process per GPU with NCCL, or per share of
     the CPU cores with gloo; otherwise a single process on the GPU if there is one."""
@@ -266,6 +254,19 @@ def clock(seconds):
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
+def refuse_overwriting_other_kind(ckpt_path, subnet_run):
+    """A fresh run starts its checkpoint afresh, but not over one of the other kind: a --subnet run
+    left at the default --out would otherwise replace the supernet that took hours to train."""
+    try:
+        previous = "subnet" if "subnet" in load_checkpoint(ckpt_path) else "supernet"
+    except CheckpointError:
+        return  # damaged or not a checkpoint: nothing to keep
+    if previous != ("subnet" if subnet_run else "supernet"):
+        raise ValueError(f"{ckpt_path} holds a {previous} training run, which this fresh "
+                         f"{'subnet' if subnet_run else 'supernet'} run would write over: give it an --out of its "
+                         f"own, e.g. --out {ckpt_path.parent / ('subnet' if subnet_run else 'supernet')}")
+
+
 def train(cfg, typed=frozenset()):
     """Run the training that `cfg` describes. Returns {"model", "checkpoint", "top1", "history"}.
     `typed`: the flags given on the command line; with --resume, those outside RUNTIME_FIELDS must
@@ -295,6 +296,8 @@ def train(cfg, typed=frozenset()):
         if source and not cfg.resume and Path(source).resolve() == ckpt_path.resolve():
             raise ValueError(f"{flag} {source}: this run would write its own checkpoint {ckpt_path} over the file "
                              f"it starts from; give the run an --out of its own, e.g. --out {out / 'retrain'}")
+    if not cfg.resume and ckpt_path.is_file():
+        refuse_overwriting_other_kind(ckpt_path, bool(cfg.subnet))
     dtype = DTYPES[cfg.dtype]
 
     # Data first: bad data fails here, before any training. Rank 0 writes the built-in set once.
@@ -343,11 +346,12 @@ def train(cfg, typed=frozenset()):
         nonlocal saved_step
         saved_step = step
         if rank == 0:
-            save_atomic({"model": model.state_dict(), "space": dataclasses.asdict(space), "data": record,
-                         "step": step, "epoch": step // steps_per_epoch, "optimizer": opt.state_dict(),
-                         "scheduler": schedule, "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg),
-                         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "history": history,
-                         **({"subnet": json.loads(fixed["subnet"].to_json())} if cfg.subnet else {})}, ckpt_path)
+            checkpoint = {"model": model.state_dict(), "space": dataclasses.asdict(space), "data": record, "step": step,
+                          "epoch": step // steps_per_epoch, "optimizer": opt.state_dict(), "scheduler": schedule,
+                          "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg),
+                          "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "history": history,
+                          **({"subnet": json.loads(fixed["subnet"].to_json())} if cfg.subnet else {})}
+            write_atomic(ckpt_path, lambda f: torch.save(checkpoint, f))
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -402,7 +406,7 @@ def train(cfg, typed=frozenset()):
             history["epochs"].append({"epoch": step // steps_per_epoch, "step": step, "top1": top1})
             save()
             if rank == 0:
-                plot.training_curves(history, out / "curves.png")
+                write_atomic(out / "curves.png", lambda f: plot.training_curves(history).save(f, "PNG"))
                 scores = "  ".join(f"{k} {v:.1f}%" for k, v in top1.items())
                 print(f"epoch {step // steps_per_epoch}/{cfg.epochs}  minival top-1  {scores}  "
                       f"({time.time() - t:.1f} s)", flush=True)
@@ -422,13 +426,7 @@ def train(cfg, typed=frozenset()):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        if f.type is bool:
-            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default, help=f.metadata["help"])
-    return parse_config(p, TrainConfig, argv)
+    return parse_config(config_parser(TrainConfig, __doc__), TrainConfig, argv)
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from autoformer import AutoFormer, export, extract, load_exported
 from kernels import relative_attention
 from supernet import (AUTOFORMER_B, AUTOFORMER_S, AUTOFORMER_T, SPACES, CheckpointError, Subnet, Supernet,
-                      count_params, load_checkpoint, load_supernet)
+                      count_params, load_checkpoint, load_supernet, write_atomic)
 
 # A scaled-down space that still has every feature: several heads, clipped relative distances
 # (max_relative_position 2 on a 5 x 5 grid), unequal embed and head widths.
@@ -307,6 +307,23 @@ def test_exported_model_loads_and_damaged_ones_are_named(tmp_path):
     torch.save(saved, path)
     with pytest.raises(CheckpointError, match="model.pt: the recorded 'subnet' is not a subnet"):
         load_exported(path)
+
+
+def test_a_failed_write_keeps_the_old_file_whole(tmp_path):
+    path = tmp_path / "new folder" / "state.json"
+    write_atomic(path, "first")
+    assert path.read_text() == "first"
+
+    def crash_midway(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, crash_midway)
+    assert path.read_text() == "first"
+    assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temporary left behind
+    write_atomic(path, lambda f: torch.save({"step": torch.tensor(3)}, f))
+    assert torch.load(path, weights_only=True)["step"] == 3
 
 
 def test_wrong_image_size_is_named():

@@ -219,6 +219,25 @@ def test_a_run_may_not_write_over_the_checkpoint_it_starts_from(tmp_path, capsys
     assert (tmp_path / "ckpt.pt").read_bytes() == b"the supernet"
 
 
+def test_a_fresh_run_may_not_write_over_a_checkpoint_of_the_other_kind(tiny_set, tmp_path, capsys):
+    def run(out, *flags):
+        return ["--data", str(tiny_set), "--out", str(tmp_path / out), "--minival", "0.1", "--workers", "0",
+                "--batch-size", "8", "--dtype", "fp32", "--max-steps", "1", *flags]
+
+    (tmp_path / "sub.json").write_text(SPACES["cpu"].smallest().to_json())
+    train.main(run("super"))
+    supernet = (tmp_path / "super" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    fails(run("super", "--subnet", str(tmp_path / "sub.json")), capsys,
+          f"{tmp_path / 'super' / 'ckpt.pt'} holds a supernet training run", "--out")
+    assert (tmp_path / "super" / "ckpt.pt").read_bytes() == supernet
+    train.main(run("sub", "--subnet", str(tmp_path / "sub.json")))
+    capsys.readouterr()
+    fails(run("sub"), capsys, "holds a subnet training run, which this fresh supernet run would write over")
+    train.main(run("super", "--seed", "1"))  # the same kind: a fresh run starts afresh
+    assert load_checkpoint(tmp_path / "super" / "ckpt.pt")["config"]["seed"] == 1
+
+
 def test_subnet_trains_standalone_from_the_inherited_weights(tiny_set, tmp_path):
     space = SPACES["cpu"]
     torch.manual_seed(1)
