@@ -365,18 +365,19 @@ def write_atomic(path, contents):
         tmp.unlink(missing_ok=True)  # only left where writing failed
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     """Read a checkpoint (this project's or an official AutoFormer one) without unpickling code.
 
     Only tensors and plain containers load, plus argparse.Namespace, which the official files keep
-    under "args". Returns the dict; its "model" entry is the supernet's state dict.
+    under "args". Returns the dict; its "model" entry is the supernet's state dict. mmap: map the
+    tensors' bytes instead of reading them, for a cheap look at the other entries.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... by the damage
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None

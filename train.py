@@ -258,7 +258,7 @@ def refuse_overwriting_other_kind(ckpt_path, subnet_run):
     """A fresh run starts its checkpoint afresh, but not over one of the other kind: a --subnet run
     left at the default --out would otherwise replace the supernet that took hours to train."""
     try:
-        previous = "subnet" if "subnet" in load_checkpoint(ckpt_path) else "supernet"
+        previous = "subnet" if "subnet" in load_checkpoint(ckpt_path, mmap=True) else "supernet"
     except CheckpointError:
         return  # damaged or not a checkpoint: nothing to keep
     if previous != ("subnet" if subnet_run else "supernet"):
