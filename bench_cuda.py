@@ -11,6 +11,7 @@ compares the reference path with the official code on a CPU; this one the kernel
 reference. It takes bench.py's training-step helpers, so both time the same step.
 """
 import argparse
+import json
 import os
 import statistics
 
@@ -18,8 +19,8 @@ import torch
 
 import aot
 import kernels
-from bench import SPACE_NAMES, BenchConfig, TrainCase, project_impl, warmed_up, write_json
-from supernet import SPACES
+from bench import SPACE_NAMES, BenchConfig, TrainCase, project_impl, warmed_up
+from supernet import SPACES, write_atomic
 
 
 def cuda_ms(fn, repeats=20, warmup=3):
@@ -146,9 +147,9 @@ def main():
         raise SystemExit("bench_cuda.py needs a CUDA device; bench.py measures the CPU")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch}
     results["kernels"] = bench_ops(args.batch)
-    write_json(args.out, results)  # before the training steps, so that a crash there leaves the ops
+    write_atomic(args.out, json.dumps(results, indent=1))  # before the training steps: a crash there keeps these
     results["train"] = [train_images_per_s(name, args.batch) for name in SPACE_NAMES]
-    write_json(args.out, results)
+    write_atomic(args.out, json.dumps(results, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import operator
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -351,7 +352,7 @@ def write_atomic(path, contents):
     Creates the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # two processes writing one file: each its own
     try:
         with open(tmp, "wb") as f:
             if isinstance(contents, str):
@@ -377,7 +378,8 @@ def load_checkpoint(path, mmap=False):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            # torch maps only its zip format (its default since 1.6), not the legacy one
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... by the damage
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None

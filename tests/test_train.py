@@ -232,8 +232,14 @@ def test_a_fresh_run_may_not_write_over_a_checkpoint_of_the_other_kind(tiny_set,
           f"{tmp_path / 'super' / 'ckpt.pt'} holds a supernet training run", "--out")
     assert (tmp_path / "super" / "ckpt.pt").read_bytes() == supernet
     train.main(run("sub", "--subnet", str(tmp_path / "sub.json")))
+    subnet = (tmp_path / "sub" / "ckpt.pt").read_bytes()
     capsys.readouterr()
     fails(run("sub"), capsys, "holds a subnet training run, which this fresh supernet run would write over")
+    assert (tmp_path / "sub" / "ckpt.pt").read_bytes() == subnet
+    (tmp_path / "legacy").mkdir()  # torch's pre-1.6 format, which cannot be memory-mapped
+    torch.save(load_checkpoint(tmp_path / "sub" / "ckpt.pt"), tmp_path / "legacy" / "ckpt.pt",
+               _use_new_zipfile_serialization=False)
+    fails(run("legacy"), capsys, "holds a subnet training run")
     train.main(run("super", "--seed", "1"))  # the same kind: a fresh run starts afresh
     assert load_checkpoint(tmp_path / "super" / "ckpt.pt")["config"]["seed"] == 1
 
