@@ -124,6 +124,16 @@ def register_table(layers, archs=(80, 90), dtypes=(torch.float32, torch.bfloat16
             for row, compiled in compile_layers(layers, arch, dtypes)]
 
 
+def print_register_table(rows, indent=""):
+    header = f"{'kernel':28s} {'dtype':9s} {'arch':6s} {'constexprs':44s} {'regs':>4s} {'spill B':>7s} {'smem B':>7s}"
+    print(indent + header)
+    for r in rows:
+        flags = " ".join(f"{k}={v}" for k, v in r["flags"].items() if v is not False and k != "HEAD_DIM" or
+                         (k == "HEAD_DIM" and r["flags"].get("QKV")))
+        print(f"{indent}{r['kernel']:28s} {r['dtype']:9s} {r['arch']:6s} {flags:44s} {r['registers']:4d} "
+              f"{r['spill_bytes']:7d} {r['shared_bytes']:7d}")
+
+
 def space_layer(space):
     """The largest layer of a space, as keywords for layer_launches."""
     E = max(space.embed_dims)
@@ -141,13 +151,7 @@ def main():
     args = parser.parse_args()
     if launch.INTERPRETED:
         parser.exit(1, "aot.py: TRITON_INTERPRET is set; the compile needs @triton.jit kernels\n")
-    rows = register_table([space_layer(SPACES[name]) for name in args.spaces], archs=args.archs)
-    print(f"{'kernel':28s} {'dtype':9s} {'arch':6s} {'constexprs':44s} {'regs':>4s} {'spill B':>7s} {'smem B':>7s}")
-    for r in rows:
-        flags = " ".join(f"{k}={v}" for k, v in r["flags"].items() if v is not False and k != "HEAD_DIM" or
-                         (k == "HEAD_DIM" and r["flags"].get("QKV")))
-        print(f"{r['kernel']:28s} {r['dtype']:9s} {r['arch']:6s} {flags:44s} {r['registers']:4d} "
-              f"{r['spill_bytes']:7d} {r['shared_bytes']:7d}")
+    print_register_table(register_table([space_layer(SPACES[name]) for name in args.spaces], archs=args.archs))
 
 
 if __name__ == "__main__":

@@ -153,6 +153,9 @@ def load_split(checkpoint, path, split, root=None):
     if not isinstance(record, dict) or "minival" not in record:
         raise CheckpointError(f"{path}: records no data set and held-out split: not written by train.py?")
     folder, indices = root or record["root"], record["minival"]["indices"]
+    if not root and not Path(folder).is_dir():
+        raise data.DataError(f"{path} was trained on {folder}, which is gone: if the data set moved, name its "
+                             "folder with --data")
     dataset = data.load_dataset(folder, verify=False)  # decode only what is used
     classes = space_of(checkpoint, path).num_classes
     if len(dataset.class_names) != classes:
@@ -224,7 +227,7 @@ def main(argv=None):
             for i, (heads, ratio, hidden) in enumerate(zip(subnet.num_heads, subnet.mlp_ratios, subnet.hidden_dims())):
                 print(f"{i:5d}  {heads:5d}  {ratio:9g}  {hidden:6d}")
             return
-        checkpoint = load_checkpoint(args.checkpoint)
+        checkpoint = load_checkpoint(args.checkpoint, supernet=True)
         supernet = load_weights(Supernet(space_of(checkpoint, args.checkpoint)), checkpoint["model"], args.checkpoint)
         supernet.space.validate(subnet)
         if args.command == "export":

@@ -404,9 +404,7 @@ def section_registers(cfg, impls, results):
         print("  skipped: TRITON_INTERPRET is set, the ahead-of-time compile needs it unset")
         return []
     rows = aot.register_table([aot.space_layer(SPACES[name]) for name in SPACE_NAMES], archs=(80, 90))
-    for r in rows:
-        print(f"  {r['kernel']:28s} {r['dtype']:9s} sm_{r['arch']!s:3s} {r['registers']:4d} regs "
-              f"{r['spill_bytes']:7d} B spilled {r['shared_bytes']:7d} B shared")
+    aot.print_register_table(rows, indent="  ")
     results["registers"] = rows
     return []
 
@@ -432,6 +430,8 @@ SECTION_FNS = {"matmul": section_matmul, "train": section_train, "split": sectio
 
 def print_table(rows):
     """rows: (label, project, official or None, target (op, ratio) or None)."""
+    if not rows:  # sections that print their own (split, registers)
+        return
     print(f"\n{'figure':<48} {'project':>9} {'official':>9} {'ratio':>6}  target")
     for label, proj, off, target in rows:
         line = f"{label:<48} {proj:>9.3f}"
@@ -465,6 +465,9 @@ def main():
     sections = [s for s in cfg.only.split(",") if s] or list(SECTION_FNS)
     if not set(sections) <= set(SECTION_FNS):
         sys.exit(f"--only takes a comma-separated subset of {','.join(SECTION_FNS)}, got {cfg.only!r}")
+    if cfg.official and not os.path.isfile(os.path.join(cfg.official, "model", "supernet_transformer.py")):
+        sys.exit(f"--official {cfg.official}: no model/supernet_transformer.py there; expected the AutoFormer "
+                 "folder of a microsoft/Cream checkout (see python bench.py --help)")
     impls = make_impls(cfg)
     results = {"config": dataclasses.asdict(cfg),
                "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),

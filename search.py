@@ -197,9 +197,10 @@ def supernet_fitness(scorer, images, labels, cfg, memo, on_score, rank, world):
     per CPU thread at a time (one on a GPU), and the processes all-gather their scores. Subnets
     in `memo` (scored before a resume) are not scored again; on_score sees each new one, in order.
     On a CPU, a subnet per core on one thread each beats one subnet at a time on all cores: the
-    small ops of a 32 px model parallelise poorly, and spin-waiting threads burn a shared machine."""
+    small ops of a 32 px model parallelise poorly, and spin-waiting threads burn a shared machine.
+    The threads end with each round: idle but alive, they slowed the latency measurements between
+    rounds 2.5-fold."""
     jobs = 1 if scorer.pos_embed.is_cuda else torch.get_num_threads()
-    pool = ThreadPoolExecutor(jobs)
 
     def top1(subnet):
         return evaluate(scorer, (images, labels), subnet, None, cfg.batch_size)["top1"]
@@ -208,17 +209,18 @@ def supernet_fitness(scorer, images, labels, cfg, memo, on_score, rank, world):
         todo, threads = [s for s in subnets if s not in memo], torch.get_num_threads()
         torch.set_num_threads(1)  # for the scoring only: latency is measured as the model runs here
         try:
-            for i in range(0, len(todo), world * jobs):
-                chunk = todo[i:i + world * jobs]
-                mine = list(pool.map(top1, chunk[rank::world]))  # rank r scores chunk[r::world]
-                scores = [mine]
-                if world > 1:
-                    scores = [None] * world
-                    dist.all_gather_object(scores, mine)
-                for r, part in enumerate(scores):
-                    memo.update(zip(chunk[r::world], part))
-                for subnet in chunk:
-                    on_score(subnet, memo[subnet], generation)
+            with ThreadPoolExecutor(jobs) as pool:
+                for i in range(0, len(todo), world * jobs):
+                    chunk = todo[i:i + world * jobs]
+                    mine = list(pool.map(top1, chunk[rank::world]))  # rank r scores chunk[r::world]
+                    scores = [mine]
+                    if world > 1:
+                        scores = [None] * world
+                        dist.all_gather_object(scores, mine)
+                    for r, part in enumerate(scores):
+                        memo.update(zip(chunk[r::world], part))
+                    for subnet in chunk:
+                        on_score(subnet, memo[subnet], generation)
         finally:
             torch.set_num_threads(threads)
         return [memo[s] for s in subnets]
@@ -310,7 +312,7 @@ def search(cfg, typed=frozenset()):
     cfg = dataclasses.replace(cfg, checkpoint=cfg.checkpoint or DEFAULT_CHECKPOINT)
     if cfg.mutations + cfg.crossovers > cfg.population or not 0 < cfg.parents <= cfg.population:
         raise ValueError("need --mutations + --crossovers <= --population and 0 < --parents <= --population")
-    checkpoint = load_checkpoint(cfg.checkpoint)
+    checkpoint = load_checkpoint(cfg.checkpoint, supernet=True)
     space = space_of(checkpoint, cfg.checkpoint)
     fingerprint = file_sha256(cfg.checkpoint)
     if cfg.resume and fingerprint != scored_with:

@@ -366,12 +366,14 @@ def write_atomic(path, contents):
         tmp.unlink(missing_ok=True)  # only left where writing failed
 
 
-def load_checkpoint(path, mmap=False):
+def load_checkpoint(path, mmap=False, supernet=False):
     """Read a checkpoint (this project's or an official AutoFormer one) without unpickling code.
 
     Only tensors and plain containers load, plus argparse.Namespace, which the official files keep
-    under "args". Returns the dict; its "model" entry is the supernet's state dict. mmap: map the
-    tensors' bytes instead of reading them, for a cheap look at the other entries.
+    under "args". Returns the dict; its "model" entry is the state dict. mmap: map the tensors'
+    bytes instead of reading them, for a cheap look at the other entries. supernet: refuse the
+    checkpoint of a single AutoFormer (a train.py --subnet run's, an export), with a clear message
+    rather than every key that does not fit.
     """
     path = Path(path)
     if not path.is_file():
@@ -385,6 +387,9 @@ def load_checkpoint(path, mmap=False):
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path}: not a supernet checkpoint (expected a dict with a 'model' state dict)")
+    if supernet and "subnet" in checkpoint:
+        raise CheckpointError(f"{path}: the checkpoint of one AutoFormer (a train.py --subnet run or an export), "
+                              "not of a supernet")
     return checkpoint
 
 
@@ -406,7 +411,7 @@ def space_of(checkpoint, path, space=None):
 
 def load_supernet(path, space=None):
     """The supernet of a checkpoint file, ready to run: `load_supernet("out/ckpt.pt")`."""
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, supernet=True)
     space = space_of(checkpoint, path, space)
     return load_weights(Supernet(space), checkpoint["model"], path)
 
@@ -415,7 +420,8 @@ def config_parser(config_class, description):
     """A command line with one flag per field of a config dataclass: --batch-size for batch_size, of
     the field's type and default, with the help and the choices of its metadata; booleans are
     switches."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --epoch 3 is a mistake, not --epochs 3
     for f in dataclasses.fields(config_class):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
@@ -439,7 +445,11 @@ def parse_config(parser, config_class, argv):
 def refuse_changed_settings(given, recorded, typed, path):
     """--resume continues a run with its recorded settings: a typed flag (`typed`: field names) whose
     value differs from the run's is an error, not silently dropped."""
-    changed = [f"--{f.name.replace('_', '-')} {getattr(given, f.name)} (the run has {getattr(recorded, f.name)})"
+    def shown(config, name):
+        value = getattr(config, name)
+        return "''" if value == "" else value
+
+    changed = [f"--{f.name.replace('_', '-')} {shown(given, f.name)} (the run has {shown(recorded, f.name)})"
                for f in dataclasses.fields(given) if f.name in typed
                and getattr(given, f.name) != getattr(recorded, f.name)]
     if changed:

@@ -197,7 +197,7 @@ def build_model(cfg, state, num_classes):
         source = Path(cfg.out) / "ckpt.pt"
         space = space_of(state, source)
     elif source:  # ours record their space; official files get the one --space names
-        given = load_checkpoint(source)
+        given = load_checkpoint(source, supernet=True)
         space = space_of(given, source, None if "space" in given else SPACES[cfg.space])
     if space.num_classes != num_classes:
         raise ValueError(f"{source or cfg.out}: the model has {space.num_classes} classes, the data {num_classes}")
@@ -352,6 +352,7 @@ def train(cfg, typed=frozenset()):
                           "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "history": history,
                           **({"subnet": json.loads(fixed["subnet"].to_json())} if cfg.subnet else {})}
             write_atomic(ckpt_path, lambda f: torch.save(checkpoint, f))
+            write_atomic(out / "curves.png", lambda f: plot.training_curves(history).save(f, "PNG"))
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -381,9 +382,9 @@ def train(cfg, typed=frozenset()):
                 loss = train_step(model, opt, scaler, images, targets, step_subnets(space, cfg, step)
                                   if not cfg.subnet else [fixed["subnet"]], dtype, cfg, world)
             except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"step {step}: {e}; stopped, {ckpt_path} is left as it was "
-                                    f"(last written at step {saved_step}): lower --lr, raise "
-                                    "--warmup-epochs or use --dtype fp32") from None
+                written = "not written by this run" if saved_step is None else f"last written at step {saved_step}"
+                raise NonFiniteLoss(f"step {step}: {e}; stopped, {ckpt_path} is left as it was ({written}): "
+                                    "lower --lr, raise --warmup-epochs or use --dtype fp32") from None
             step += 1
             window[2].append(loss)
             if rank == 0 and (step % cfg.log_every == 0 or step == stop):
@@ -406,7 +407,6 @@ def train(cfg, typed=frozenset()):
             history["epochs"].append({"epoch": step // steps_per_epoch, "step": step, "top1": top1})
             save()
             if rank == 0:
-                write_atomic(out / "curves.png", lambda f: plot.training_curves(history).save(f, "PNG"))
                 scores = "  ".join(f"{k} {v:.1f}%" for k, v in top1.items())
                 print(f"epoch {step // steps_per_epoch}/{cfg.epochs}  minival top-1  {scores}  "
                       f"({time.time() - t:.1f} s)", flush=True)
@@ -421,7 +421,8 @@ def train(cfg, typed=frozenset()):
             if not cfg.subnet:
                 print("next: python search.py" + (f" --checkpoint {ckpt_path}" if cfg.out != "out" else ""))
         else:
-            print("next: python train.py --resume" + (f" --out {cfg.out}" if cfg.out != "out" else ""))
+            launcher = "python" if world == 1 else f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"
+            print(f"next: {launcher} train.py --resume" + (f" --out {cfg.out}" if cfg.out != "out" else ""))
     return {"model": model, "checkpoint": ckpt_path, "top1": final, "history": history}
 
 

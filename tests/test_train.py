@@ -156,9 +156,11 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_the_checkpoint_alone(tiny_se
     ckpt = tmp_path / "ckpt.pt"
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     monkeypatch.setattr(train, "soft_cross_entropy", lambda logits, targets: logits.sum() * float("nan"))
-    with pytest.raises(train.NonFiniteLoss, match="step 2: loss is"):
+    with pytest.raises(train.NonFiniteLoss, match=r"step 2: loss is .*\(last written at step 2\)"):
         train.train(tiny_cfg(tiny_set, tmp_path, resume=True, ckpt_every=1))
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
+    with pytest.raises(train.NonFiniteLoss, match=r"step 0: loss is .*\(not written by this run\)"):
+        train.train(tiny_cfg(tiny_set, tmp_path / "fresh"))
 
 
 def test_the_command_line_trains_writes_checkpoint_and_curves_and_prints_a_summary(tiny_set, tmp_path):
@@ -184,6 +186,12 @@ def fails(argv, capsys, *needles):
         assert needle in err, err
 
 
+def test_a_shortened_flag_is_not_taken_for_a_longer_one(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--epoch", "3"])  # argparse's default would read --epochs 3
+    assert "unrecognized arguments: --epoch 3" in capsys.readouterr().err
+
+
 def test_bad_input_is_one_line_on_stderr_and_exit_status_2(tiny_set, tmp_path, capsys):
     for argv in (["--data", str(tmp_path / "missing")], ["--space", "huge"], ["--resume", "--out", str(tmp_path)]):
         fails(argv, capsys)
@@ -202,9 +210,9 @@ def test_resume_refuses_a_flag_that_would_change_the_recorded_run(tiny_set, tmp_
            "--epochs", "2", "--batch-size", "8", "--dtype", "fp32"]
     train.main(run + ["--max-steps", "1"])
     capsys.readouterr()
-    fails(["--resume", "--out", str(tmp_path / "run"), "--epochs", "20", "--lr", "0.01"], capsys,  # 20: the default
-          "--resume continues the run with its recorded settings",
-          "--epochs 20 (the run has 2), --lr 0.01 (the run has")
+    fails(["--resume", "--out", str(tmp_path / "run"), "--epochs", "20", "--lr", "0.01", "--init", "a.pt"], capsys,
+          "--resume continues the run with its recorded settings",  # 20: the default, typed
+          "--epochs 20 (the run has 2), --lr 0.01 (the run has 0.008), --init a.pt (the run has '')")
     train.main(run + ["--resume", "--max-steps", "2"])  # the same settings again, and a run-time one: fine
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
 
@@ -226,6 +234,7 @@ def test_a_fresh_run_may_not_write_over_a_checkpoint_of_the_other_kind(tiny_set,
 
     (tmp_path / "sub.json").write_text(SPACES["cpu"].smallest().to_json())
     train.main(run("super"))
+    assert (tmp_path / "super" / "curves.png").is_file()  # drawn at every save, not only at an epoch's end
     supernet = (tmp_path / "super" / "ckpt.pt").read_bytes()
     capsys.readouterr()
     fails(run("super", "--subnet", str(tmp_path / "sub.json")), capsys,
