@@ -421,8 +421,9 @@ def train(cfg, typed=frozenset()):
             if not cfg.subnet:
                 print("next: python search.py" + (f" --checkpoint {ckpt_path}" if cfg.out != "out" else ""))
         else:
-            launcher = "python" if world == 1 else f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"
-            print(f"next: {launcher} train.py --resume" + (f" --out {cfg.out}" if cfg.out != "out" else ""))
+            resume = "train.py --resume" + (f" --out {cfg.out}" if cfg.out != "out" else "")
+            print(f"next: python {resume}" if world == 1 else
+                  f"next: {resume}, launched as this run was ({world} processes)")
     return {"model": model, "checkpoint": ckpt_path, "top1": final, "history": history}
 
 

@@ -127,8 +127,9 @@ def test_a_kill_during_the_end_of_epoch_evaluation_keeps_the_epoch(tiny_set, tmp
 
 
 def _rank_worker(rank, cfg, port, out):
+    # what any launcher sets; torchrun's LOCAL_WORLD_SIZE is left out, as a hand-made launcher would
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+                      LOCAL_RANK=str(rank))
     drawn, draw = [], train.step_subnets
     train.step_subnets = lambda *args: drawn.append(draw(*args)) or drawn[-1]
     result = train.train(cfg)
