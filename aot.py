@@ -125,6 +125,7 @@ def register_table(layers, archs=(80, 90), dtypes=(torch.float32, torch.bfloat16
 
 
 def print_register_table(rows, indent=""):
+    """register_table's rows, one line each, with the constexprs that tell a kernel's launches apart."""
     header = f"{'kernel':28s} {'dtype':9s} {'arch':6s} {'constexprs':44s} {'regs':>4s} {'spill B':>7s} {'smem B':>7s}"
     print(indent + header)
     for r in rows:

@@ -106,6 +106,9 @@ def project_impl():
 
 def import_official(root):
     """Import Vision_TransformerSuper from an official AutoFormer folder, standing in for torch._six."""
+    if not os.path.isfile(os.path.join(root, "model", "supernet_transformer.py")):
+        sys.exit(f"--official {root}: no model/supernet_transformer.py there; expected the AutoFormer folder of a "
+                 "microsoft/Cream checkout (see python bench.py --help)")
     six = types.ModuleType("torch._six")  # what the official code (model/utils.py) takes from it
     six.container_abcs, six.string_classes, six.int_classes, six.inf = collections.abc, str, int, math.inf
     sys.modules.setdefault("torch._six", six)
@@ -465,9 +468,6 @@ def main():
     sections = [s for s in cfg.only.split(",") if s] or list(SECTION_FNS)
     if not set(sections) <= set(SECTION_FNS):
         sys.exit(f"--only takes a comma-separated subset of {','.join(SECTION_FNS)}, got {cfg.only!r}")
-    if cfg.official and not os.path.isfile(os.path.join(cfg.official, "model", "supernet_transformer.py")):
-        sys.exit(f"--official {cfg.official}: no model/supernet_transformer.py there; expected the AutoFormer "
-                 "folder of a microsoft/Cream checkout (see python bench.py --help)")
     impls = make_impls(cfg)
     results = {"config": dataclasses.asdict(cfg),
                "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),

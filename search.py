@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 import plot
 from autoformer import evaluate, extract, load_split
-from supernet import (Subnet, Supernet, config_parser, count_flops, count_params, load_checkpoint, load_weights,
-                      parse_config, refuse_changed_settings, space_of, write_atomic)
+from supernet import (Subnet, Supernet, count_flops, count_params, load_checkpoint, load_weights, parse_config,
+                      refuse_changed_settings, space_of, write_atomic)
 
 
 @dataclass
@@ -415,7 +415,7 @@ def search(cfg, typed=frozenset()):
 
 
 def parse_args(argv):
-    return parse_config(config_parser(SearchConfig, __doc__), SearchConfig, argv)
+    return parse_config(SearchConfig, argv, __doc__)
 
 
 def main(argv=None):

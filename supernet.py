@@ -432,9 +432,11 @@ def config_parser(config_class, description):
     return p
 
 
-def parse_config(parser, config_class, argv):
-    """(config, the names of the flags typed on the command line). A flag typed with its default
-    value counts as typed, so that --resume can tell `--epochs 20` from no --epochs at all."""
+def parse_config(config_class, argv, description):
+    """(config, the names of the flags typed on the command line), from config_parser's command line.
+    A flag typed with its default value counts as typed, so that --resume can tell `--epochs 20` from
+    no --epochs at all."""
+    parser = config_parser(config_class, description)
     unset = object()  # argparse fills in a default only where the namespace has no value yet
     fields = {f.name: f.default for f in dataclasses.fields(config_class)}
     args = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset))))

@@ -33,8 +33,8 @@ import torch.distributed as dist
 import data
 import plot
 from autoformer import AutoFormer, evaluate, extract, read_subnet
-from supernet import (SPACES, CheckpointError, Subnet, Supernet, config_parser, load_checkpoint, load_weights,
-                      parse_config, refuse_changed_settings, space_of, write_atomic)
+from supernet import (SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, load_weights, parse_config,
+                      refuse_changed_settings, space_of, write_atomic)
 
 
 @dataclass
@@ -261,10 +261,10 @@ def refuse_overwriting_other_kind(ckpt_path, subnet_run):
         previous = "subnet" if "subnet" in load_checkpoint(ckpt_path, mmap=True) else "supernet"
     except CheckpointError:
         return  # damaged or not a checkpoint: nothing to keep
-    if previous != ("subnet" if subnet_run else "supernet"):
-        raise ValueError(f"{ckpt_path} holds a {previous} training run, which this fresh "
-                         f"{'subnet' if subnet_run else 'supernet'} run would write over: give it an --out of its "
-                         f"own, e.g. --out {ckpt_path.parent / ('subnet' if subnet_run else 'supernet')}")
+    kind = "subnet" if subnet_run else "supernet"
+    if previous != kind:
+        raise ValueError(f"{ckpt_path} holds a {previous} training run, which this fresh {kind} run would write "
+                         f"over: give it an --out of its own, e.g. --out {ckpt_path.parent / kind}")
 
 
 def train(cfg, typed=frozenset()):
@@ -428,7 +428,7 @@ def train(cfg, typed=frozenset()):
 
 
 def parse_args(argv):
-    return parse_config(config_parser(TrainConfig, __doc__), TrainConfig, argv)
+    return parse_config(TrainConfig, argv, __doc__)
 
 
 def main(argv=None):
