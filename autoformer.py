@@ -146,6 +146,34 @@ def evaluate(model, data, subnet=None, dtype=None, batch_size=1000):
 # ----------------------------------------------------------------------------- one searched model
 
 
+def dataset_record(dataset):
+    """What a train.py checkpoint records of its data set (besides its folder and held-out split),
+    for check_trained_on to recognise it by."""
+    return {"class_names": dataset.class_names, "train_images": len(dataset.train)}
+
+
+def check_trained_on(dataset, folder, checkpoint, path):
+    """Raise DataError unless `dataset`, read from `folder`, is the one checkpoint `path` was trained
+    on: its held-out split is a list of train image indices and its labels are positions in the
+    class list, so another data set would be read silently wrong. (Checkpoints older than
+    dataset_record are checked by their model's class count and their largest held-out index.)"""
+    record, names, train = checkpoint["data"], dataset.class_names, len(dataset.train)
+    classes, held_out = space_of(checkpoint, path).num_classes, record["minival"]["indices"]
+    recorded_names = record.get("class_names", names)
+    if len(names) != classes:
+        mismatch = f"{len(names)} classes, but the model of {path} has {classes}"
+    elif recorded_names != names:
+        i = next(i for i, (a, b) in enumerate(zip(recorded_names, names)) if a != b)
+        mismatch = f"class {i} is {names[i]!r}, but {path} was trained with {recorded_names[i]!r} there"
+    elif record.get("train_images", train) != train:
+        mismatch = f"{train} train images, but {path} was trained on {record['train_images']}"
+    elif max(held_out, default=-1) >= train:
+        mismatch = f"{train} train images, but {path} records held-out train image index {max(held_out)}"
+    else:
+        return
+    raise data.DataError(f"{folder}: {mismatch}: not the data set it was trained on")
+
+
 def load_split(checkpoint, path, split, root=None):
     """The "minival" or "val" split of the data set a train.py checkpoint records, decoded once
     into one (images, labels) pair of tensors. `root` overrides the recorded data folder."""
@@ -157,13 +185,7 @@ def load_split(checkpoint, path, split, root=None):
         raise data.DataError(f"{path} was trained on {folder}, which is gone: if the data set moved, name its "
                              "folder with --data")
     dataset = data.load_dataset(folder, verify=False)  # decode only what is used
-    classes = space_of(checkpoint, path).num_classes
-    if len(dataset.class_names) != classes:
-        raise data.DataError(f"{folder}: {len(dataset.class_names)} classes, but the model of {path} has {classes}: "
-                             "not the data set it was trained on")
-    if max(indices, default=-1) >= len(dataset.train):
-        raise data.DataError(f"{folder}: {len(dataset.train)} train images, but {path} records held-out train "
-                             f"image index {max(indices)}: not the data set it was trained on")
+    check_trained_on(dataset, folder, checkpoint, path)
     loaders = data.build_loaders(dataset, record["img_size"], 500, minival_indices=indices, rank=0, world_size=1)
     images, labels = zip(*getattr(loaders, split))
     return torch.cat(images), torch.cat(labels)

@@ -69,7 +69,8 @@ class BenchConfig:
     seed: int = field(default=0, metadata={"help": "seeds the subnet sequence, the batch and the weights"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads; 0 keeps torch's default"})
     matmul_n: int = field(default=2048, metadata={"help": "side of the square matmul for the peak"})
-    official: str = field(default="", metadata={"help": "the official AutoFormer folder (see above); empty: project only"})
+    official: str = field(default="", metadata={"help": "the official AutoFormer folder (see above); "
+                                                         "empty: project only"})
     out: str = field(default="out/bench.json", metadata={"help": "JSON results, written atomically"})
     only: str = field(default="", metadata={"help": "comma-separated sections to run; empty: all, in the order above"})
 

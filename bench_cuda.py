@@ -91,7 +91,8 @@ def bench_ops(batch):
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         tflops_peak, gbs_peak = device_peaks(dtype)
-        print(f"{torch.cuda.get_device_name()} {str(dtype)[6:]}: matmul {tflops_peak:.0f} TFLOP/s, copy {gbs_peak:.0f} GB/s")
+        print(f"{torch.cuda.get_device_name()} {str(dtype)[6:]}: matmul {tflops_peak:.0f} TFLOP/s, "
+              f"copy {gbs_peak:.0f} GB/s")
         for name in SPACE_NAMES:
             for op, (work, unit, call, inputs) in op_cases(SPACES[name], batch, dtype).items():
                 tri, ref = (getattr(kernels, f) for f in IMPLS.get(op, ("sliced_linear_triton", "sliced_linear_torch")))

@@ -215,7 +215,8 @@ def load_dataset(path, verify=True):
     val_names, val = _read_split(path / "val", verify)
     if val_names != train_names:
         only_train, only_val = sorted(set(train_names) - set(val_names)), sorted(set(val_names) - set(train_names))
-        raise DataError(f"{path / 'val'}: classes differ from train: only in train {only_train}, only in val {only_val}")
+        raise DataError(f"{path / 'val'}: classes differ from train: only in train {only_train}, "
+                        f"only in val {only_val}")
     kind = "synthetic" if (path / SYNTHETIC_MARKER).is_file() else "folder"
     return DataSet(kind, train_names, train, val)
 

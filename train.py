@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 import data
 import plot
-from autoformer import AutoFormer, evaluate, extract, read_subnet
+from autoformer import AutoFormer, check_trained_on, dataset_record, evaluate, extract, read_subnet
 from supernet import (SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, load_weights, parse_config,
                       refuse_changed_settings, space_of, write_atomic)
 
@@ -309,12 +309,14 @@ def train(cfg, typed=frozenset()):
     if world > 1:
         dist.barrier()
     dataset = data.load_dataset(root)
+    if state is not None:  # the recorded held-out split names train images by index
+        check_trained_on(dataset, root, state, ckpt_path)
     model, space, fixed = build_model(cfg, state, len(dataset.class_names))
     model.to(device)
     loaders = data.build_loaders(dataset, space.img_size, cfg.batch_size, seed=cfg.seed, minival_fraction=cfg.minival,
                                  minival_indices=state["data"]["minival"]["indices"] if state else None,
                                  num_workers=cfg.workers, eval_batch_size=500, rank=rank, world_size=world)
-    record = {"kind": dataset.kind, "root": str(root), "img_size": space.img_size,
+    record = {"kind": dataset.kind, "root": str(root), "img_size": space.img_size, **dataset_record(dataset),
               "minival": {"indices": loaders.minival_indices, "seed": cfg.seed, "fraction": cfg.minival}}
     minival = held_out(loaders.minival, space.img_size)
 

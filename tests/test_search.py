@@ -31,6 +31,7 @@ def checkpoint(tmp_path_factory):
     path = folder / "ckpt.pt"
     torch.save({"model": Supernet(TINY).state_dict(), "space": dataclasses.asdict(TINY), "step": 7,
                 "data": {"kind": "synthetic", "root": str(root), "img_size": 32,
+                         **autoformer.dataset_record(data.load_dataset(root, verify=False)),
                          "minival": {"indices": list(range(0, 40, 2)), "seed": 0, "fraction": 0.5}}}, path)
     return path
 
@@ -296,13 +297,22 @@ def test_bad_input_gets_one_line_and_exit_code_2(checkpoint, tmp_path, capsys):
           "no search to resume")
     fewer = data.ensure_synthetic(tmp_path / "fewer", n_train=20, n_val=10)  # held-out indices reach 38
     fails(search.main, ["--checkpoint", str(checkpoint), "--data", str(fewer)] + run, capsys,
+          f"{fewer}: 20 train images, but {checkpoint} was trained on 40")
+    older = torch.load(checkpoint, weights_only=True)  # as written before train.py recorded the class names
+    del older["data"]["class_names"], older["data"]["train_images"]
+    torch.save(older, tmp_path / "older.pt")
+    fails(search.main, ["--checkpoint", str(tmp_path / "older.pt"), "--data", str(fewer)] + run, capsys,
           f"{fewer}: 20 train images", "index 38")
-    for split in ("train", "val"):
-        for name in ("a", "b", "c"):
-            (tmp_path / "three" / split / name).mkdir(parents=True)
-            Image.new("RGB", (32, 32)).save(tmp_path / "three" / split / name / "0.png")
+    names = data.load_dataset(fewer, verify=False).class_names
+    for folder, classes in (("three", ["a", "b", "c"]), ("renamed", names[:-1] + ["zebra"])):
+        for split in ("train", "val"):
+            for name in classes:
+                (tmp_path / folder / split / name).mkdir(parents=True)
+                Image.new("RGB", (32, 32)).save(tmp_path / folder / split / name / "0.png")
     fails(search.main, ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "three")] + run, capsys,
           f"{tmp_path / 'three'}: 3 classes", "has 10")
+    fails(search.main, ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "renamed")] + run, capsys,
+          f"{tmp_path / 'renamed'}: class 9 is 'zebra', but {checkpoint} was trained with {names[9]!r} there")
     fails(autoformer.main, ["evaluate", "--checkpoint", str(checkpoint), "--subnet", "autoformer-t"], capsys,
           "is not in the space")
     one = {"model": {}, "space": dataclasses.asdict(TINY), "subnet": json.loads(TINY.smallest().to_json())}

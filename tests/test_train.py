@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -216,6 +217,18 @@ def test_resume_refuses_a_flag_that_would_change_the_recorded_run(tiny_set, tmp_
           "--epochs 20 (the run has 2), --lr 0.01 (the run has 0.008), --init a.pt (the run has '')")
     train.main(run + ["--resume", "--max-steps", "2"])  # the same settings again, and a run-time one: fine
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
+
+
+def test_resume_refuses_a_data_set_that_changed_since(tmp_path, capsys):
+    grown = data.ensure_synthetic(tmp_path / "grown", n_train=80, n_val=20)
+    run = ["--data", str(grown), "--out", str(tmp_path / "run"), "--minival", "0.1", "--workers", "0",
+           "--batch-size", "8", "--dtype", "fp32", "--max-steps", "1"]
+    train.main(run)
+    capsys.readouterr()
+    first = sorted((grown / "train").iterdir())[0]
+    shutil.copy(next(first.iterdir()), first / "added.png")  # now index i of the held-out split is another image
+    fails(["--resume", "--out", str(tmp_path / "run")], capsys,
+          f"{grown}: 81 train images, but {tmp_path / 'run' / 'ckpt.pt'} was trained on 80: not the data set")
 
 
 def test_a_run_may_not_write_over_the_checkpoint_it_starts_from(tmp_path, capsys):
