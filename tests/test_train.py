@@ -226,7 +226,7 @@ def test_resume_refuses_a_data_set_that_changed_since(tmp_path, capsys):
     train.main(run)
     capsys.readouterr()
     first = sorted((grown / "train").iterdir())[0]
-    shutil.copy(next(first.iterdir()), first / "added.png")  # now index i of the held-out split is another image
+    shutil.copy(next(first.iterdir()), first / "added.png")  # every later index now names another image
     fails(["--resume", "--out", str(tmp_path / "run")], capsys,
           f"{grown}: 81 train images, but {tmp_path / 'run' / 'ckpt.pt'} was trained on 80: not the data set")
 
