@@ -14,15 +14,14 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-import data
+from cli import load_split, read_subnet, write_atomic
 from kernels import relative_attention
-from supernet import (PUBLISHED, SPACES, CheckpointError, RelativePosition2D, Subnet, Supernet, check_images,
-                      count_flops, count_params, load_checkpoint, load_weights, official_init, space_of, write_atomic)
+from supernet import (SPACES, CheckpointError, RelativePosition2D, Subnet, Supernet, check_images, count_flops,
+                      count_params, load_checkpoint, load_weights, official_init, space_of)
 
 
 class Block(nn.Module):
@@ -146,51 +145,6 @@ def evaluate(model, data, subnet=None, dtype=None, batch_size=1000):
 # ----------------------------------------------------------------------------- one searched model
 
 
-def dataset_record(dataset):
-    """What a train.py checkpoint records of its data set (besides its folder and held-out split),
-    for check_trained_on to recognise it by."""
-    return {"class_names": dataset.class_names, "train_images": len(dataset.train)}
-
-
-def check_trained_on(dataset, folder, checkpoint, path):
-    """Raise DataError unless `dataset`, read from `folder`, is the one checkpoint `path` was trained
-    on: its held-out split is a list of train image indices and its labels are positions in the
-    class list, so another data set would be read silently wrong. (Checkpoints older than
-    dataset_record are checked by their model's class count and their largest held-out index.)"""
-    record, names, train = checkpoint["data"], dataset.class_names, len(dataset.train)
-    classes, held_out = space_of(checkpoint, path).num_classes, record["minival"]["indices"]
-    recorded_names = record.get("class_names", names)
-    if len(names) != classes:
-        mismatch = f"{len(names)} classes, but the model of {path} has {classes}"
-    elif recorded_names != names:
-        i = next(i for i, (a, b) in enumerate(zip(recorded_names, names)) if a != b)
-        mismatch = f"class {i} is {names[i]!r}, but {path} was trained with {recorded_names[i]!r} there"
-    elif record.get("train_images", train) != train:
-        mismatch = f"{train} train images, but {path} was trained on {record['train_images']}"
-    elif max(held_out, default=-1) >= train:
-        mismatch = f"{train} train images, but {path} records held-out train image index {max(held_out)}"
-    else:
-        return
-    raise data.DataError(f"{folder}: {mismatch}: not the data set it was trained on")
-
-
-def load_split(checkpoint, path, split, root=None):
-    """The "minival" or "val" split of the data set a train.py checkpoint records, decoded once
-    into one (images, labels) pair of tensors. `root` overrides the recorded data folder."""
-    record = checkpoint.get("data")
-    if not isinstance(record, dict) or "minival" not in record:
-        raise CheckpointError(f"{path}: records no data set and held-out split: not written by train.py?")
-    folder, indices = root or record["root"], record["minival"]["indices"]
-    if not root and not Path(folder).is_dir():
-        raise data.DataError(f"{path} was trained on {folder}, which is gone: if the data set moved, name its "
-                             "folder with --data")
-    dataset = data.load_dataset(folder, verify=False)  # decode only what is used
-    check_trained_on(dataset, folder, checkpoint, path)
-    loaders = data.build_loaders(dataset, record["img_size"], 500, minival_indices=indices, rank=0, world_size=1)
-    images, labels = zip(*getattr(loaders, split))
-    return torch.cat(images), torch.cat(labels)
-
-
 def export(supernet, subnet, path):
     """Save `subnet` as a standalone AutoFormer: its weights, its subnet and its space."""
     exported = {"model": extract(supernet, subnet).state_dict(), "space": dataclasses.asdict(supernet.space),
@@ -208,19 +162,6 @@ def load_exported(path):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the recorded 'subnet' is not a subnet ({e})") from None
     return load_weights(AutoFormer(space_of(saved, path), subnet), saved["model"], path).eval()
-
-
-def read_subnet(text):
-    """(space name or None, Subnet) from a published name (autoformer-t/s/b) or a Subnet JSON file."""
-    if text.lower() in PUBLISHED:
-        return PUBLISHED[text.lower()]
-    if not Path(text).is_file():
-        raise ValueError(f"--subnet {text}: neither a file nor one of {', '.join(PUBLISHED)}")
-    try:
-        return None, Subnet.from_json(Path(text).read_text())
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{text}: {e}; expected a subnet, e.g. "
-                         '{"embed_dim": 64, "mlp_ratios": [2.0, 4.0], "num_heads": [2, 2]}') from None
 
 
 def main(argv=None):

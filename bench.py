@@ -51,7 +51,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import aot
 import data
 import launch
-from supernet import SPACES, SearchSpace, Subnet, Supernet, config_parser, count_flops, write_atomic
+from cli import config_parser, write_atomic
+from supernet import SPACES, SearchSpace, Subnet, Supernet, count_flops
 
 SPACE_NAMES = ("tiny", "small", "base")
 

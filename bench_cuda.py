@@ -20,7 +20,8 @@ import torch
 import aot
 import kernels
 from bench import SPACE_NAMES, BenchConfig, TrainCase, project_impl, warmed_up
-from supernet import SPACES, write_atomic
+from cli import write_atomic
+from supernet import SPACES
 
 
 def cuda_ms(fn, repeats=20, warmup=3):

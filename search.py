@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 
 import plot
-from autoformer import evaluate, extract, load_split
-from supernet import (Subnet, Supernet, count_flops, count_params, load_checkpoint, load_weights, parse_config,
-                      refuse_changed_settings, space_of, write_atomic)
+from autoformer import evaluate, extract
+from cli import load_split, parse_config, refuse_changed_settings, write_atomic
+from supernet import Subnet, Supernet, count_flops, count_params, load_checkpoint, load_weights, space_of
 
 
 @dataclass
@@ -137,44 +137,45 @@ def crossover(parents, rng):
                   [pick(x, y) for x, y in zip(a.num_heads, b.num_heads)])
 
 
-def propose(space, records, seen, admissible, cfg, rng, generation):
-    """One generation of `cfg.population` new subnets, each unseen and admissible (rejection)."""
-    new = []
-
-    def draw(make, count, tries):
-        goal = len(new) + count
-        for _ in range(tries):
-            if len(new) == goal:
-                return
-            subnet = make()
-            if subnet is not None and subnet not in seen and admissible(subnet):
-                seen.add(subnet)
-                new.append(subnet)
-
-    if cfg.algorithm == "evolution" and generation > 0:
-        ranked = sorted(records, key=lambda r: -r["top1"])  # stable: ties go to the earlier subnet
-        parents = [r["subnet"] for r in ranked[:cfg.parents]]
-        draw(lambda: mutate(rng.choice(parents), space, rng, cfg.p_global, cfg.p_layer), cfg.mutations,
-             10 * cfg.mutations)  # 10 tries per wanted child, as the official code
-        draw(lambda: crossover(parents, rng), cfg.crossovers, 10 * cfg.crossovers)
-    draw(lambda: space.sample(rng), cfg.population - len(new), cfg.max_tries)
-    if len(new) < cfg.population:
-        raise ValueError(f"generation {generation}: only {len(new)} of {cfg.population} new subnets inside the "
-                         f"constraints after {cfg.max_tries} random draws ({len(seen)} seen): the constrained space "
-                         "is (nearly) exhausted; widen the windows or lower --population/--generations")
-    return new
+def draw(new, make, count, tries, seen, admissible):
+    """Append to `new` up to `count` subnets from make(), each unseen and admissible, trying at most
+    `tries` times (make() may also give None: a crossover without mates)."""
+    goal = len(new) + count
+    for _ in range(tries):
+        if len(new) == goal:
+            return
+        subnet = make()
+        if subnet is not None and subnet not in seen and admissible(subnet):
+            seen.add(subnet)
+            new.append(subnet)
 
 
 def run_search(space, fitness, admissible, cfg, history=(), log=None):
-    """The search loop. `fitness(subnets, generation) -> [top-1]` scores new subnets,
-    `admissible(subnet) -> bool` tells the constraints. `history`: the records of the finished
-    generations of a resumed run. Generation g draws from random.Random(seed * 1_000_003 + g)
-    only, so a resumed run makes the same choices as one never stopped. Returns all records."""
+    """The search. `fitness(subnets, generation) -> [top-1]` scores new subnets with their inherited
+    weights, `admissible(subnet) -> bool` tells the constraints, `history` holds the records of the
+    generations a resumed search has finished, `log(generation, records)` sees each generation.
+    Returns every record: {"subnet", "top1", "generation"}."""
     records = list(history)
-    seen = {r["subnet"] for r in records}
+    seen = {r["subnet"] for r in records}  # never score a subnet twice
     for generation in range(records[-1]["generation"] + 1 if records else 0, cfg.generations + 1):
+        # A generation's only randomness: a resumed search makes the choices of one never stopped.
         rng = random.Random(cfg.seed * 1_000_003 + generation)
-        new = propose(space, records, seen, admissible, cfg, rng, generation)
+        new = []
+        if cfg.algorithm == "evolution" and generation > 0:
+            # parents: the best subnets found so far (a stable sort: ties go to the earlier subnet)
+            parents = [r["subnet"] for r in sorted(records, key=lambda r: -r["top1"])[:cfg.parents]]
+            # children: mutations of a random parent, then crossovers of two, 10 tries per wanted
+            # child as in the official code
+            draw(new, lambda: mutate(rng.choice(parents), space, rng, cfg.p_global, cfg.p_layer), cfg.mutations,
+                 10 * cfg.mutations, seen, admissible)
+            draw(new, lambda: crossover(parents, rng), cfg.crossovers, 10 * cfg.crossovers, seen, admissible)
+        # random subnets: all of generation 0 (and of --algorithm random), else the children's shortfall
+        draw(new, lambda: space.sample(rng), cfg.population - len(new), cfg.max_tries, seen, admissible)
+        if len(new) < cfg.population:
+            raise ValueError(f"generation {generation}: only {len(new)} of {cfg.population} new subnets inside the "
+                             f"constraints after {cfg.max_tries} random draws ({len(seen)} seen): the constrained "
+                             "space is (nearly) exhausted; widen the windows or lower --population/--generations")
+        # score them
         records += [{"subnet": s, "top1": f, "generation": generation} for s, f in zip(new, fitness(new, generation))]
         if log:
             log(generation, records)
@@ -198,8 +199,7 @@ def supernet_fitness(scorer, images, labels, cfg, memo, on_score, rank, world):
     in `memo` (scored before a resume) are not scored again; on_score sees each new one, in order.
     On a CPU, a subnet per core on one thread each beats one subnet at a time on all cores: the
     small ops of a 32 px model parallelise poorly, and spin-waiting threads burn a shared machine.
-    The threads end with each round: idle but alive, they slowed the latency measurements between
-    rounds 2.5-fold."""
+    The threads end with each round, so that latency is measured between rounds on a quiet machine."""
     jobs = 1 if scorer.pos_embed.is_cuda else torch.get_num_threads()
 
     def top1(subnet):
@@ -288,108 +288,153 @@ def latency_check(supernet, cfg, path, rank, world):
     return latency
 
 
+def resume_settings(cfg, typed, out):
+    """(the settings to run, the recorded state or {}). --resume runs the recorded settings with
+    this invocation's RUNTIME_FIELDS; a --checkpoint given may be the recorded one moved (its
+    fingerprint is checked once it is read); any other typed flag must agree with the record."""
+    if not cfg.resume:
+        return dataclasses.replace(cfg, checkpoint=cfg.checkpoint or DEFAULT_CHECKPOINT), {}
+    state_path = out / "state.json"
+    if not state_path.is_file():
+        raise ValueError(f"{out}: no search to resume (no state.json)")
+    try:
+        state = json.loads(state_path.read_text())
+        recorded, _ = SearchConfig(**state["config"]), state["checkpoint_sha256"]  # both must be there
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{state_path}: not the state of a search by this search.py ({e})") from None
+    refuse_changed_settings(cfg, recorded, typed - {*RUNTIME_FIELDS, "checkpoint"}, state_path)
+    return dataclasses.replace(recorded, checkpoint=cfg.checkpoint or recorded.checkpoint,
+                               **{k: getattr(cfg, k) for k in RUNTIME_FIELDS}), state
+
+
+def check_fingerprint(cfg, state, out):
+    """The checkpoint's sha256; on --resume it must be the file the search scored with."""
+    fingerprint = file_sha256(cfg.checkpoint)
+    if state and fingerprint != state["checkpoint_sha256"]:
+        recorded = state["config"]["checkpoint"]
+        raise ValueError(f"{cfg.checkpoint}: sha256 {fingerprint[:12]}..., but the search in {out} scored with "
+                         f"{recorded}, sha256 {state['checkpoint_sha256'][:12]}... (changed, or another file): "
+                         "resume with that checkpoint, or start afresh without --resume")
+    return fingerprint
+
+
+def load_scorer(checkpoint, space, cfg, device):
+    """(the supernet, a copy of it in the scoring dtype). The copy is cast once: autocast would
+    cast each weight slice again in every forward (20 % slower)."""
+    supernet = load_weights(Supernet(space), checkpoint["model"], cfg.checkpoint).to(device).eval()
+    scorer = Supernet(space).to(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]).eval()
+    scorer.load_state_dict(supernet.state_dict())
+    return supernet, scorer
+
+
+class SearchFiles:
+    """The files of a search in OUT and the constraints: what run_search's callbacks need. state.json
+    records the settings, the checkpoint's sha256 and the generations done; candidates.jsonl gets
+    one line per subnet as it is scored."""
+
+    def __init__(self, cfg, out, fingerprint, space, bounds, rank):
+        self.cfg, self.out, self.fingerprint, self.rank = cfg, out, fingerprint, rank
+        self.space, self.bounds = space, bounds
+        self.state_path, self.log_path = out / "state.json", out / "candidates.jsonl"
+        self.latency = None  # set by start(), once the folder is ready
+        self.total = (cfg.generations + 1) * cfg.population
+
+    def start(self, state, supernet, world):
+        """Open the folder: on --resume, the records scored so far; else an earlier search's results
+        removed. Returns (the records, memo: subnet -> top-1 of every one scored)."""
+        records = read_jsonl(self.log_path) if self.cfg.resume else []
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.cfg.resume:  # rewritten without the line a kill may have torn
+                write_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in records))
+                print(f"resuming {self.out}: {state.get('generations_done', 0)} generations done, "
+                      f"{len(records)} subnets scored", flush=True)
+            else:
+                # The old state goes first and the new one is written before anything is scored, so a
+                # kill at any moment leaves no state or this search's: never an old search's state beside
+                # this search's candidates. The latency cache stays.
+                for name in STALE_RESULTS:
+                    (self.out / name).unlink(missing_ok=True)
+                write_atomic(self.log_path, "")
+                self.save_state(0)
+        self.latency = latency_check(supernet, self.cfg, self.out / "latency.jsonl", self.rank, world)
+        self.start_time, self.scored_before = time.time(), len(records)
+        return records, {Subnet(**r["subnet"]): r["top1"] for r in records}
+
+    def save_state(self, generations_done, **extra):
+        write_atomic(self.state_path, json.dumps({"config": dataclasses.asdict(self.cfg),
+                                                  "generations_done": generations_done,
+                                                  "checkpoint_sha256": self.fingerprint, **extra}, indent=1))
+
+    def admissible(self, subnet):
+        return (all(lo <= counter(self.space, subnet) <= hi for counter, (lo, hi) in self.bounds.values())
+                and (not self.cfg.latency_ms or self.latency(subnet) <= self.cfg.latency_ms))
+
+    def describe(self, subnet, top1, generation):
+        """One line of candidates.jsonl."""
+        row = {"subnet": json.loads(subnet.to_json()), "params": count_params(self.space, subnet),
+               "flops": count_flops(self.space, subnet), "top1": top1, "generation": generation}
+        return dict(row, latency_ms=self.latency(subnet)) if self.cfg.latency_ms else row
+
+    def on_score(self, subnet, top1, generation):
+        if self.rank == 0:
+            append_jsonl(self.log_path, self.describe(subnet, top1, generation))
+
+    def log(self, generation, records):
+        """After every generation: the state for --resume, and a progress line."""
+        if self.rank > 0:
+            return
+        self.save_state(generation + 1)
+        elapsed, fresh = time.time() - self.start_time, max(len(records) - self.scored_before, 1)
+        print(f"gen {generation:2d}/{self.cfg.generations}  best {max(r['top1'] for r in records):5.1f}%  median "
+              f"{statistics.median(r['top1'] for r in records[-self.cfg.population:]):5.1f}% (this gen)  scored "
+              f"{len(records)}/{self.total}  {elapsed / fresh:.2f} s/subnet  elapsed {elapsed:4.0f} s  "
+              f"eta {elapsed / fresh * (self.total - len(records)):4.0f} s", flush=True)
+
+    def window_text(self):
+        text = ", ".join(f"{n} {mega(lo)}..{mega(hi)}" for n, (_, (lo, hi)) in self.bounds.items())
+        if self.cfg.latency_ms:
+            text += f", latency <= {self.cfg.latency_ms:g} ms at batch {self.cfg.latency_batch}"
+        return text
+
+
 def search(cfg, typed=frozenset()):
     """Run the search `cfg` describes, write OUT; return the summary (rank 0) or None. `typed`: the
     flags given on the command line; with --resume, those outside RUNTIME_FIELDS and --checkpoint
     must agree with the recorded search (the rest of `cfg` gives way to it)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(cfg.out or Path(cfg.checkpoint or DEFAULT_CHECKPOINT).parent / "search")
-    state_path, log_path = out / "state.json", out / "candidates.jsonl"
-    state = {}
-    if cfg.resume:
-        if not state_path.is_file():
-            raise ValueError(f"{out}: no search to resume (no state.json)")
-        try:
-            state = json.loads(state_path.read_text())
-            recorded = SearchConfig(**state["config"])
-            scored_with = state["checkpoint_sha256"]
-        except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"{state_path}: not the state of a search by this search.py ({e})") from None
-        refuse_changed_settings(cfg, recorded, typed - {*RUNTIME_FIELDS, "checkpoint"}, state_path)
-        # A checkpoint named here may be the recorded one moved; the fingerprint below tells.
-        cfg = dataclasses.replace(recorded, checkpoint=cfg.checkpoint or recorded.checkpoint,
-                                  **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
-    cfg = dataclasses.replace(cfg, checkpoint=cfg.checkpoint or DEFAULT_CHECKPOINT)
+    cfg, state = resume_settings(cfg, typed, out)
     if cfg.mutations + cfg.crossovers > cfg.population or not 0 < cfg.parents <= cfg.population:
         raise ValueError("need --mutations + --crossovers <= --population and 0 < --parents <= --population")
     checkpoint = load_checkpoint(cfg.checkpoint, supernet=True)
     space = space_of(checkpoint, cfg.checkpoint)
-    fingerprint = file_sha256(cfg.checkpoint)
-    if cfg.resume and fingerprint != scored_with:
-        raise ValueError(f"{cfg.checkpoint}: sha256 {fingerprint[:12]}..., but the search in {out} scored with "
-                         f"{recorded.checkpoint}, sha256 {scored_with[:12]}... (changed, or another file): resume "
-                         "with that checkpoint, or start afresh without --resume")
-    bounds = windows(space, cfg)
+    files = SearchFiles(cfg, out, check_fingerprint(cfg, state, out), space, windows(space, cfg), rank)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    supernet = load_weights(Supernet(space), checkpoint["model"], cfg.checkpoint).to(device).eval()
-    # Scoring runs a copy cast to bf16 once: autocast would cast each weight slice in every forward (20% slower).
-    scorer = Supernet(space).to(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]).eval()
-    scorer.load_state_dict(supernet.state_dict())
+    supernet, scorer = load_scorer(checkpoint, space, cfg, device)
     images, labels = load_split(checkpoint, cfg.checkpoint, "minival", cfg.data)
     images, labels = images.to(device, next(scorer.parameters()).dtype), labels.to(device)
 
-    def save_state(generations_done, **extra):
-        write_atomic(state_path, json.dumps({"config": dataclasses.asdict(cfg), "generations_done": generations_done,
-                                             "checkpoint_sha256": fingerprint, **extra}, indent=1))
-
-    records = read_jsonl(log_path) if cfg.resume else []
-    memo = {Subnet(**r["subnet"]): r["top1"] for r in records}  # scored already: never twice
-    done = state.get("generations_done", 0)
-    history = [dict(r, subnet=Subnet(**r["subnet"])) for r in records if r["generation"] < done]
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:  # rewritten without the line a kill may have torn
-            write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
-            print(f"resuming {out}: {done} generations done, {len(records)} subnets scored", flush=True)
-        else:  # a fresh search replaces an old one (the latency cache stays). The old state goes first
-            # and the new one is written before anything is scored, so a kill at any moment leaves no
-            # state or this search's: never an old search's state beside this search's candidates.
-            for name in STALE_RESULTS:
-                (out / name).unlink(missing_ok=True)
-            write_atomic(log_path, "")
-            save_state(0)
-    latency = latency_check(supernet, cfg, out / "latency.jsonl", rank, world)
-    if cfg.latency_ms and latency(space.smallest()) > cfg.latency_ms:
+    records, memo = files.start(state, supernet, world)
+    if cfg.latency_ms and files.latency(space.smallest()) > cfg.latency_ms:
         raise ValueError(f"--latency-ms {cfg.latency_ms:g}: even the smallest subnet takes "
-                         f"{latency(space.smallest()):.2f} ms at batch {cfg.latency_batch} on this machine, "
+                         f"{files.latency(space.smallest()):.2f} ms at batch {cfg.latency_batch} on this machine, "
                          "so no candidate meets it")
-
-    def admissible(subnet):
-        return (all(lo <= counter(space, subnet) <= hi for counter, (lo, hi) in bounds.values())
-                and (not cfg.latency_ms or latency(subnet) <= cfg.latency_ms))
-
-    def describe(subnet, top1, generation):  # one line of candidates.jsonl
-        row = {"subnet": json.loads(subnet.to_json()), "params": count_params(space, subnet),
-               "flops": count_flops(space, subnet), "top1": top1, "generation": generation}
-        return dict(row, latency_ms=latency(subnet)) if cfg.latency_ms else row
-
-    def on_score(subnet, top1, generation):
-        if rank == 0:
-            append_jsonl(log_path, describe(subnet, top1, generation))
-
-    total, start, scored_before = (cfg.generations + 1) * cfg.population, time.time(), len(memo)
-
-    def log(generation, records):  # after every generation: the state for --resume, a progress line
-        if rank == 0:
-            save_state(generation + 1)
-            elapsed, fresh = time.time() - start, max(len(records) - scored_before, 1)
-            print(f"gen {generation:2d}/{cfg.generations}  best {max(r['top1'] for r in records):5.1f}%  median "
-                  f"{statistics.median(r['top1'] for r in records[-cfg.population:]):5.1f}% (this gen)  scored "
-                  f"{len(records)}/{total}  {elapsed / fresh:.2f} s/subnet  elapsed {elapsed:4.0f} s  "
-                  f"eta {elapsed / fresh * (total - len(records)):4.0f} s", flush=True)
-
-    window_text = ", ".join(f"{n} {mega(lo)}..{mega(hi)}" for n, (_, (lo, hi)) in bounds.items())
-    window_text += f", latency <= {cfg.latency_ms:g} ms at batch {cfg.latency_batch}" * bool(cfg.latency_ms)
     if rank == 0:
         print(f"{cfg.algorithm} search of {cfg.checkpoint}: {len(labels)} held-out images, {cfg.dtype}, "
-              f"{world} process(es), {window_text}", flush=True)
-    fitness = supernet_fitness(scorer, images, labels, cfg, memo, on_score, rank, world)
-    records = run_search(space, fitness, admissible, cfg, history, log)
-    if rank > 0:
-        return None
+              f"{world} process(es), {files.window_text()}", flush=True)
+    done = state.get("generations_done", 0)
+    history = [dict(r, subnet=Subnet(**r["subnet"])) for r in records if r["generation"] < done]
+    fitness = supernet_fitness(scorer, images, labels, cfg, memo, files.on_score, rank, world)
+    records = run_search(space, fitness, files.admissible, cfg, history, files.log)
+    return report(files, records, supernet, checkpoint, device) if rank == 0 else None
 
-    # The report: the validation split is used here, once, for the winner only.
-    rows = [describe(r["subnet"], r["top1"], r["generation"]) for r in records]
+
+def report(files, records, supernet, checkpoint, device):
+    """The results: the Pareto front, the winner and its val top-1 (the validation split is read
+    here, once, for the winner only), best.json, pareto.json, search.png and the summary."""
+    cfg, out, space = files.cfg, files.out, files.space
+    rows = [files.describe(r["subnet"], r["top1"], r["generation"]) for r in records]
     front = pareto(rows)
     best = front[-1]  # the highest top-1; among ties the fewest parameters, then the earliest found
     subnet = Subnet(**best["subnet"])
@@ -399,11 +444,11 @@ def search(cfg, typed=frozenset()):
     write_atomic(out / "best.json", subnet.to_json() + "\n")
     write_atomic(out / "pareto.json", json.dumps(front, indent=1))
     extremes = (count_params(space, space.smallest()), count_params(space, space.largest()))
-    picture = plot.search_scatter(rows, front, bounds["params"][1], extremes,
-                                  f"{cfg.algorithm}, seed {cfg.seed}: {len(rows)} subnets, {window_text}")
+    picture = plot.search_scatter(rows, front, files.bounds["params"][1], extremes,
+                                  f"{cfg.algorithm}, seed {cfg.seed}: {len(rows)} subnets, {files.window_text()}")
     write_atomic(out / "search.png", lambda f: picture.save(f, "PNG"))
-    summary = {"best": best, "scored": len(rows), "seconds": time.time() - start}
-    save_state(cfg.generations + 1, result=summary)
+    summary = {"best": best, "scored": len(rows), "seconds": time.time() - files.start_time}
+    files.save_state(cfg.generations + 1, result=summary)
     print(f"best: held-out top-1 {best['top1']:.2f}%, val top-1 {best['val_top1']:.2f}% (fp32), {mega(best['params'])} "
           f"params, {mega(best['flops'])} MACs, embed dim {subnet.embed_dim}, depth {subnet.depth}")
     print(f"results in {out}: candidates.jsonl, best.json, pareto.json ({len(front)} on the front), search.png, "

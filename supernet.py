@@ -5,17 +5,12 @@ and per layer a number of heads and an MLP ratio. All subnets share one set of *
 layer of the subnet reads the leading block W[:out, :in] of the super layer (kernels.py holds that
 rule), so training one subnet trains every subnet that overlaps it. The module and parameter names
 follow the official implementation (github microsoft/Cream, folder AutoFormer), so its released
-supernet checkpoints load into `Supernet` unchanged.
-
-After the model come the file and command-line helpers every script shares: reading checkpoints
-(`load_checkpoint`), writing any file atomically (`write_atomic`), one flag per config field
-(`config_parser`) and --resume's checks.
+supernet checkpoints load into `Supernet` unchanged (`load_supernet`).
 """
 import argparse
 import dataclasses
 import json
 import operator
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,10 +191,8 @@ def count_flops(space, subnet):
     return total + E * space.num_classes
 
 
-def drop_path(x, rate, training):
+def drop_path(x, rate):
     """Stochastic depth: drop the residual branch of whole samples, rescale the kept ones."""
-    if rate == 0.0 or not training:
-        return x
     keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= rate  # (B, 1, 1)
     return x * keep.to(x.dtype) / (1.0 - rate)
 
@@ -229,7 +222,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm transformer layer whose width, heads and MLP size are arguments of `forward`."""
+    """A pre-norm transformer layer, x = x + attention(norm(x)), then x = x + mlp(norm(x)), whose
+    width, heads and MLP size are arguments of `forward`: the width is that of x."""
 
     def __init__(self, space, drop_path_rate):
         super().__init__()
@@ -241,22 +235,32 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(S, int(S * space.super_mlp_ratio))
         self.fc2 = nn.Linear(int(S * space.super_mlp_ratio), S)
 
-    def add_branch(self, x, branch):
-        """x + drop_path(branch), where branch(residual) computes the branch and adds `residual` to
-        it: the add is fused into the branch's last op when nothing drops."""
-        if self.training and self.drop_path_rate > 0:
-            return x + drop_path(branch(None), self.drop_path_rate, True)
-        return branch(x)
-
     def forward(self, x, num_heads, hidden):
-        E, ln, attn = x.shape[-1], self.attn_layer_norm, self.attn
-        q, k, v = interleaved_qkv(sliced_layer_norm(x, ln.weight, ln.bias), attn.qkv.weight, attn.qkv.bias,
-                                  num_heads, self.space.head_dim)
-        heads_out = relative_attention(q, k, v, attn.tables(), self.space.max_relative_position)
-        x = self.add_branch(x, lambda res: sliced_linear(heads_out, attn.proj.weight, attn.proj.bias, E, residual=res))
-        x_norm = sliced_layer_norm(x, self.ffn_layer_norm.weight, self.ffn_layer_norm.bias)
-        return self.add_branch(x, lambda res: sliced_mlp(x_norm, self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                                                         self.fc2.bias, hidden, residual=res))
+        ln1, ln2 = self.attn_layer_norm, self.ffn_layer_norm
+        x = self.attention(sliced_layer_norm(x, ln1.weight, ln1.bias), num_heads, residual=x)
+        x = self.mlp(sliced_layer_norm(x, ln2.weight, ln2.bias), hidden, residual=x)
+        return x
+
+    def attention(self, h, num_heads, residual):
+        """residual + proj(attention(h)), h the normalised tokens (B, N, E)."""
+        E, attn, proj = residual.shape[-1], self.attn, (self.attn.proj.weight, self.attn.proj.bias)
+        q, k, v = interleaved_qkv(h, attn.qkv.weight, attn.qkv.bias, num_heads, self.space.head_dim)  # (B, heads, N, D)
+        heads_out = relative_attention(q, k, v, attn.tables(), self.space.max_relative_position)  # (B, N, heads * D)
+        if self.dropping():
+            return residual + drop_path(sliced_linear(heads_out, *proj, E), self.drop_path_rate)
+        return sliced_linear(heads_out, *proj, E, residual=residual)
+
+    def mlp(self, h, hidden, residual):
+        """residual + fc2(gelu(fc1(h))), with `hidden` units."""
+        weights = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        if self.dropping():
+            return residual + drop_path(sliced_mlp(h, *weights, hidden), self.drop_path_rate)
+        return sliced_mlp(h, *weights, hidden, residual=residual)
+
+    def dropping(self):
+        # The residual add runs inside the branch's last op (residual=), saving a pass over x, except
+        # where drop path must scale the branch before the add.
+        return self.training and self.drop_path_rate > 0
 
 
 def official_init(model):
@@ -345,26 +349,6 @@ def load_weights(model, state_dict, source):
     return model
 
 
-def write_atomic(path, contents):
-    """Write a file so that a crash at any moment leaves the old file or the new one, never a torn
-    one: into a temporary file beside it, flushed to disk, then renamed over it. `contents` is text,
-    or a function that writes into the binary file it is given (`lambda f: torch.save(obj, f)`).
-    Creates the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # two processes writing one file: each its own
-    try:
-        with open(tmp, "wb") as f:
-            if isinstance(contents, str):
-                f.write(contents.encode())
-            else:
-                contents(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left where writing failed
-
 
 def load_checkpoint(path, mmap=False, supernet=False):
     """Read a checkpoint (this project's or an official AutoFormer one) without unpickling code.
@@ -414,46 +398,3 @@ def load_supernet(path, space=None):
     checkpoint = load_checkpoint(path, supernet=True)
     space = space_of(checkpoint, path, space)
     return load_weights(Supernet(space), checkpoint["model"], path)
-
-
-def config_parser(config_class, description):
-    """A command line with one flag per field of a config dataclass: --batch-size for batch_size, of
-    the field's type and default, with the help and the choices of its metadata; booleans are
-    switches."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # --epoch 3 is a mistake, not --epochs 3
-    for f in dataclasses.fields(config_class):
-        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", help=text)
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, choices=f.metadata.get("choices"),
-                           help=text + (" (default: %(default)s)" if f.default != "" else ""))
-    return p
-
-
-def parse_config(config_class, argv, description):
-    """(config, the names of the flags typed on the command line), from config_parser's command line.
-    A flag typed with its default value counts as typed, so that --resume can tell `--epochs 20` from
-    no --epochs at all."""
-    parser = config_parser(config_class, description)
-    unset = object()  # argparse fills in a default only where the namespace has no value yet
-    fields = {f.name: f.default for f in dataclasses.fields(config_class)}
-    args = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset))))
-    typed = frozenset(name for name, value in args.items() if value is not unset)
-    return config_class(**{name: fields[name] if value is unset else value for name, value in args.items()}), typed
-
-
-def refuse_changed_settings(given, recorded, typed, path):
-    """--resume continues a run with its recorded settings: a typed flag (`typed`: field names) whose
-    value differs from the run's is an error, not silently dropped."""
-    def shown(config, name):
-        value = getattr(config, name)
-        return "''" if value == "" else value
-
-    changed = [f"--{f.name.replace('_', '-')} {shown(given, f.name)} (the run has {shown(recorded, f.name)})"
-               for f in dataclasses.fields(given) if f.name in typed
-               and getattr(given, f.name) != getattr(recorded, f.name)]
-    if changed:
-        raise ValueError(f"{path}: --resume continues the run with its recorded settings, but {', '.join(changed)}: "
-                         "drop the flag, or start afresh in another --out")

@@ -32,9 +32,10 @@ import torch.distributed as dist
 
 import data
 import plot
-from autoformer import AutoFormer, check_trained_on, dataset_record, evaluate, extract, read_subnet
-from supernet import (SPACES, CheckpointError, Subnet, Supernet, load_checkpoint, load_weights, parse_config,
-                      refuse_changed_settings, space_of, write_atomic)
+from autoformer import AutoFormer, evaluate, extract
+from cli import check_trained_on, dataset_record, parse_config, read_subnet, refuse_changed_settings, write_atomic
+from supernet import (SPACES, CheckpointError, SearchSpace, Subnet, Supernet, load_checkpoint, load_weights,
+                      space_of)
 
 
 @dataclass
@@ -254,6 +255,20 @@ def clock(seconds):
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
+# ----------------------------------------------------------------------------- before the first step
+
+
+def resume_config(cfg, typed, ckpt_path):
+    """(the config to run, the checkpoint's state or None). --resume runs the recorded config, with
+    this invocation's run-time knobs (RUNTIME_FIELDS); any other typed flag must agree with it."""
+    if not cfg.resume:
+        return cfg, None
+    state = load_checkpoint(ckpt_path)
+    recorded = TrainConfig(**state["config"])
+    refuse_changed_settings(cfg, recorded, typed - set(RUNTIME_FIELDS), ckpt_path)
+    return dataclasses.replace(recorded, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS}), state
+
+
 def refuse_overwriting_other_kind(ckpt_path, subnet_run):
     """A fresh run starts its checkpoint afresh, but not over one of the other kind: a --subnet run
     left at the default --out would otherwise replace the supernet that took hours to train."""
@@ -267,18 +282,9 @@ def refuse_overwriting_other_kind(ckpt_path, subnet_run):
                          f"over: give it an --out of its own, e.g. --out {ckpt_path.parent / kind}")
 
 
-def train(cfg, typed=frozenset()):
-    """Run the training that `cfg` describes. Returns {"model", "checkpoint", "top1", "history"}.
-    `typed`: the flags given on the command line; with --resume, those outside RUNTIME_FIELDS must
-    agree with the recorded run (the rest of `cfg` gives way to it)."""
-    rank, world, device = setup_distributed()
-    out = Path(cfg.out)
-    ckpt_path = out / "ckpt.pt"
-    state = load_checkpoint(ckpt_path) if cfg.resume else None
-    if state is not None:  # the recorded run, with this invocation's run-time knobs
-        recorded = TrainConfig(**state["config"])
-        refuse_changed_settings(cfg, recorded, typed - set(RUNTIME_FIELDS), ckpt_path)
-        cfg = dataclasses.replace(recorded, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+def check_config(cfg, device, ckpt_path):
+    """Refuse flags that cannot work together, before anything is read or written."""
+    out = ckpt_path.parent
     if cfg.space not in SPACES:
         raise ValueError(f"--space {cfg.space}: choose one of {', '.join(SPACES)}")
     if cfg.dtype not in DTYPES:
@@ -298,9 +304,11 @@ def train(cfg, typed=frozenset()):
                              f"it starts from; give the run an --out of its own, e.g. --out {out / 'retrain'}")
     if not cfg.resume and ckpt_path.is_file():
         refuse_overwriting_other_kind(ckpt_path, bool(cfg.subnet))
-    dtype = DTYPES[cfg.dtype]
 
-    # Data first: bad data fails here, before any training. Rank 0 writes the built-in set once.
+
+def load_data(cfg, state, ckpt_path, rank, world):
+    """(folder, data set). Rank 0 writes the built-in set once; a resumed run must find the data set
+    it was trained on, since its held-out split names train images by index."""
     root = Path(cfg.data) if cfg.data else Path(__file__).resolve().parent / "data" / "synthetic"
     if not cfg.data and rank == 0:
         t = time.time()
@@ -309,8 +317,59 @@ def train(cfg, typed=frozenset()):
     if world > 1:
         dist.barrier()
     dataset = data.load_dataset(root)
-    if state is not None:  # the recorded held-out split names train images by index
+    if state is not None:
         check_trained_on(dataset, root, state, ckpt_path)
+    return root, dataset
+
+
+@dataclass
+class Run:
+    """Everything the training loop works with, and the checkpoint that saves it."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    space: SearchSpace
+    fixed: dict  # name -> Subnet, evaluated at each epoch's end
+    loaders: data.Loaders
+    minival: tuple | torch.utils.data.DataLoader  # decoded (images, labels), if it fits in memory
+    record: dict  # the data set and its held-out split, as the checkpoint records them
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: dict
+    step: int = 0
+    history: dict = field(default_factory=lambda: {"loss": [], "epochs": []})
+    saved_step: int | None = None  # the step of the last checkpoint on disk
+
+    @property
+    def ckpt_path(self):
+        return Path(self.cfg.out) / "ckpt.pt"
+
+    def save(self):
+        """Write the checkpoint and the curves atomically (rank 0): a kill at any moment leaves the
+        last good checkpoint, and --resume continues from it draw for draw."""
+        self.saved_step = self.step
+        if self.rank > 0:
+            return
+        cfg, out = self.cfg, Path(self.cfg.out)
+        checkpoint = {"model": self.model.state_dict(), "space": dataclasses.asdict(self.space), "data": self.record,
+                      "step": self.step, "epoch": self.step // len(self.loaders.train),
+                      "optimizer": self.opt.state_dict(), "scheduler": self.schedule,
+                      "scaler": self.scaler.state_dict(), "config": dataclasses.asdict(cfg),
+                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "history": self.history,
+                      **({"subnet": json.loads(self.fixed["subnet"].to_json())} if cfg.subnet else {})}
+        write_atomic(self.ckpt_path, lambda f: torch.save(checkpoint, f))
+        write_atomic(out / "curves.png", lambda f: plot.training_curves(self.history).save(f, "PNG"))
+
+
+def prepare(cfg, typed, rank, world, device):
+    """The Run of `cfg`: flags checked, data read, model and optimizer built, or --resume's state restored."""
+    ckpt_path = Path(cfg.out) / "ckpt.pt"
+    cfg, state = resume_config(cfg, typed, ckpt_path)
+    check_config(cfg, device, ckpt_path)
+    root, dataset = load_data(cfg, state, ckpt_path, rank, world)
     model, space, fixed = build_model(cfg, state, len(dataset.class_names))
     model.to(device)
     loaders = data.build_loaders(dataset, space.img_size, cfg.batch_size, seed=cfg.seed, minival_fraction=cfg.minival,
@@ -319,114 +378,153 @@ def train(cfg, typed=frozenset()):
     record = {"kind": dataset.kind, "root": str(root), "img_size": space.img_size, **dataset_record(dataset),
               "minival": {"indices": loaders.minival_indices, "seed": cfg.seed, "fraction": cfg.minival}}
     minival = held_out(loaders.minival, space.img_size)
-
     steps_per_epoch = len(loaders.train)
     if steps_per_epoch == 0:  # drop_last: an epoch of fewer images than a batch has no step at all
         raise ValueError(f"{root}: {len(loaders.train.sampler)} train images per process (minival held out), fewer "
                          f"than --batch-size {cfg.batch_size}: not one step per epoch; lower --batch-size")
-    total = cfg.epochs * steps_per_epoch
     scale = cfg.batch_size * world / 512  # DeiT's linear scaling rule: lr grows with the global batch
-    schedule = {"total_steps": total, "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch),
+    schedule = {"total_steps": cfg.epochs * steps_per_epoch, "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch),
                 "peak_lr": cfg.lr * scale, "min_lr": cfg.min_lr * scale}
     # fused: one pass over each parameter's memory per step, not one per arithmetic op (4x faster on a CPU)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=schedule["peak_lr"], fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
-    step, history = 0, {"loss": [], "epochs": []}
+    run = Run(cfg, rank, world, device, model, space, fixed, loaders, minival, record, opt,
+              torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16"), schedule)
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, history = state["step"], state["history"]
-        torch.set_rng_state(state["rng"]["torch"])  # each step reseeds itself; this covers the rest
-        random.setstate(state["rng"]["python"])
-        if state["scheduler"] != schedule:
-            raise CheckpointError(f"{ckpt_path}: recorded for {state['scheduler']}, this run has {schedule}: "
-                                  "resume with the same number of processes")
-
-    saved_step = state["step"] if state else None
-
-    def save():
-        nonlocal saved_step
-        saved_step = step
-        if rank == 0:
-            checkpoint = {"model": model.state_dict(), "space": dataclasses.asdict(space), "data": record, "step": step,
-                          "epoch": step // steps_per_epoch, "optimizer": opt.state_dict(), "scheduler": schedule,
-                          "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg),
-                          "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "history": history,
-                          **({"subnet": json.loads(fixed["subnet"].to_json())} if cfg.subnet else {})}
-            write_atomic(ckpt_path, lambda f: torch.save(checkpoint, f))
-            write_atomic(out / "curves.png", lambda f: plot.training_curves(history).save(f, "PNG"))
-
+        restore(run, state)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        kind = f"subnet {fixed['subnet'].to_json()}" if cfg.subnet else f"supernet of space {cfg.space}"
-        params = sum(p.numel() for p in model.parameters())
-        print(f"training the {kind} ({params / 1e6:.2f} M parameters) on {dataset.kind} {root}: "
-              f"{len(dataset.train) - len(loaders.minival_indices)} train / {len(loaders.minival_indices)} minival "
-              f"images, {world} x {device.type}, {cfg.dtype}, global batch {cfg.batch_size * world}, "
-              f"{total} steps{f', resuming at step {step}' if step else ''}", flush=True)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def restore(run, state):
+    """Continue where the checkpoint `state` left off: optimizer, scaler, step, history, random state."""
+    run.opt.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.step, run.history, run.saved_step = state["step"], state["history"], state["step"]
+    torch.set_rng_state(state["rng"]["torch"])  # each step reseeds itself; this covers the rest
+    random.setstate(state["rng"]["python"])
+    if state["scheduler"] != run.schedule:
+        raise CheckpointError(f"{run.ckpt_path}: recorded for {state['scheduler']}, this run has {run.schedule}: "
+                              "resume with the same number of processes")
+
+
+# ----------------------------------------------------------------------------- what the loop prints
+
+
+def announce(run):
+    """The first line: what is trained, on what, how."""
+    cfg, record, held = run.cfg, run.record, len(run.loaders.minival_indices)
+    kind = f"subnet {run.fixed['subnet'].to_json()}" if cfg.subnet else f"supernet of space {cfg.space}"
+    params = sum(p.numel() for p in run.model.parameters())
+    resuming = f", resuming at step {run.step}" if run.step else ""
+    print(f"training the {kind} ({params / 1e6:.2f} M parameters) on {record['kind']} {record['root']}: "
+          f"{record['train_images'] - held} train / {held} minival images, {run.world} x {run.device.type}, "
+          f"{cfg.dtype}, global batch {cfg.batch_size * run.world}, {run.schedule['total_steps']} steps{resuming}",
+          flush=True)
+
+
+class Progress:
+    """One line every --log-every steps: mean loss since the last line, learning rate, images/s, ETA."""
+
+    def __init__(self, run, stop):
+        self.run, self.stop, self.start = run, stop, (time.time(), run.step)
+        self.window, self.losses = self.start, []
+
+    def step(self, loss, lr, epoch):
+        run, cfg = self.run, self.run.cfg
+        self.losses.append(loss)
+        if run.rank > 0 or (run.step % cfg.log_every and run.step != self.stop):
+            return
+        now = time.time()
+        run.history["loss"].append((run.step, sum(self.losses) / len(self.losses)))
+        per_step = (now - self.start[0]) / (run.step - self.start[1])
+        images_per_s = (run.step - self.window[1]) * cfg.batch_size * run.world / (now - self.window[0])
+        print(f"step {run.step:5d}/{run.schedule['total_steps']}  epoch {epoch + 1}/{cfg.epochs}  "
+              f"loss {run.history['loss'][-1][1]:.4f}  lr {lr:.2e}  {images_per_s:5.0f} img/s  "
+              f"elapsed {clock(now - self.start[0])}  eta {clock(per_step * (self.stop - run.step))}", flush=True)
+        self.window, self.losses = (now, run.step), []
+
+
+def end_epoch(run):
+    """After an epoch: the fixed subnets' minival top-1 into the history, then the checkpoint."""
+    t, epoch = time.time(), run.step // len(run.loaders.train)
+    top1 = accuracies(run.model, run.fixed, run.minival, DTYPES[run.cfg.dtype], run.world)
+    run.history["epochs"].append({"epoch": epoch, "step": run.step, "top1": top1})
+    run.save()
+    if run.rank == 0:
+        scores = "  ".join(f"{k} {v:.1f}%" for k, v in top1.items())
+        print(f"epoch {epoch}/{run.cfg.epochs}  minival top-1  {scores}  ({time.time() - t:.1f} s)", flush=True)
+
+
+def report(run, final, seconds):
+    """The last lines: where the results are, the val top-1 of a finished run, and what to run next."""
+    cfg, total = run.cfg, run.schedule["total_steps"]
+    print(f"done in {clock(seconds)}: checkpoint {run.ckpt_path} (step {run.step}/{total}), "
+          f"curves {Path(cfg.out) / 'curves.png'}")
+    if final:
+        print("val top-1  " + "  ".join(f"{k} {v:.1f}%" for k, v in final.items()))
+        if not cfg.subnet:
+            print("next: python search.py" + (f" --checkpoint {run.ckpt_path}" if cfg.out != "out" else ""))
+    else:
+        resume = "train.py --resume" + (f" --out {cfg.out}" if cfg.out != "out" else "")
+        print(f"next: python {resume}" if run.world == 1 else
+              f"next: {resume}, launched as this run was ({run.world} processes)")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg, typed=frozenset()):
+    """Run the training that `cfg` describes. Returns {"model", "checkpoint", "top1", "history"}.
+    `typed`: the flags given on the command line; with --resume, those outside RUNTIME_FIELDS must
+    agree with the recorded run (the rest of `cfg` gives way to it)."""
+    rank, world, device = setup_distributed()
+    run = prepare(cfg, typed, rank, world, device)
+    cfg, model, opt, loaders, schedule = run.cfg, run.model, run.opt, run.loaders, run.schedule
+    steps_per_epoch, total = len(loaders.train), schedule["total_steps"]
     stop = min(total, cfg.max_steps or total)
-    start_time, start_step, window = time.time(), step, (time.time(), step, [])
-    while step < stop:
-        epoch, done = divmod(step, steps_per_epoch)
-        loaders.train.sampler.set_epoch(epoch, skip=done * cfg.batch_size)
-        model.train()
-        for images, labels in loaders.train:
-            lr = learning_rate(step, total, schedule["warmup_steps"], schedule["peak_lr"], schedule["min_lr"])
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # Every random draw of a step is a function of (seed, step[, rank]): the subnets, the
-            # mix, drop path. So a resumed run repeats an uninterrupted one draw for draw.
-            torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            images, targets = data.mix_batch(images, labels, space.num_classes, cfg.mixup, cfg.cutmix,
-                                             cfg.smoothing, torch.default_generator)
-            try:
-                loss = train_step(model, opt, scaler, images, targets, step_subnets(space, cfg, step)
-                                  if not cfg.subnet else [fixed["subnet"]], dtype, cfg, world)
-            except NonFiniteLoss as e:
-                written = "not written by this run" if saved_step is None else f"last written at step {saved_step}"
-                raise NonFiniteLoss(f"step {step}: {e}; stopped, {ckpt_path} is left as it was ({written}): "
-                                    "lower --lr, raise --warmup-epochs or use --dtype fp32") from None
-            step += 1
-            window[2].append(loss)
-            if rank == 0 and (step % cfg.log_every == 0 or step == stop):
-                now = time.time()
-                history["loss"].append((step, sum(window[2]) / len(window[2])))
-                per_step = (now - start_time) / (step - start_step)
-                print(f"step {step:5d}/{total}  epoch {epoch + 1}/{cfg.epochs}  loss {history['loss'][-1][1]:.4f}  "
-                      f"lr {lr:.2e}  {(step - window[1]) * cfg.batch_size * world / (now - window[0]):5.0f} img/s  "
-                      f"elapsed {clock(now - start_time)}  eta {clock(per_step * (stop - step))}", flush=True)
-                window = (now, step, [])
-            # Not on an epoch's last step: the epoch-end save follows its evaluation, and a save before
-            # it would let a kill during the evaluation resume past the epoch and lose its history entry.
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step % steps_per_epoch:
-                save()
-            if step == stop:
-                break
-        if step % steps_per_epoch == 0:  # an epoch ended: evaluate the fixed subnets, checkpoint
-            t = time.time()
-            top1 = accuracies(model, fixed, minival, dtype, world)
-            history["epochs"].append({"epoch": step // steps_per_epoch, "step": step, "top1": top1})
-            save()
-            if rank == 0:
-                scores = "  ".join(f"{k} {v:.1f}%" for k, v in top1.items())
-                print(f"epoch {step // steps_per_epoch}/{cfg.epochs}  minival top-1  {scores}  "
-                      f"({time.time() - t:.1f} s)", flush=True)
-        elif step == stop:  # --max-steps ended the run mid-epoch: keep its state for --resume
-            save()
-    final = accuracies(model, fixed, loaders.val, dtype, world) if step == total else {}
     if rank == 0:
-        print(f"done in {clock(time.time() - start_time)}: checkpoint {ckpt_path} (step {step}/{total}), "
-              f"curves {out / 'curves.png'}")
-        if final:
-            print("val top-1  " + "  ".join(f"{k} {v:.1f}%" for k, v in final.items()))
-            if not cfg.subnet:
-                print("next: python search.py" + (f" --checkpoint {ckpt_path}" if cfg.out != "out" else ""))
-        else:
-            resume = "train.py --resume" + (f" --out {cfg.out}" if cfg.out != "out" else "")
-            print(f"next: python {resume}" if world == 1 else
-                  f"next: {resume}, launched as this run was ({world} processes)")
-    return {"model": model, "checkpoint": ckpt_path, "top1": final, "history": history}
+        announce(run)
+    progress, start = Progress(run, stop), time.time()
+    try:
+        while run.step < stop:
+            epoch, done = divmod(run.step, steps_per_epoch)
+            loaders.train.sampler.set_epoch(epoch, skip=done * cfg.batch_size)  # a resumed epoch skips what it saw
+            model.train()
+            for images, labels in loaders.train:
+                # this step's learning rate: linear warm-up, then a cosine
+                lr = learning_rate(run.step, total, schedule["warmup_steps"], schedule["peak_lr"], schedule["min_lr"])
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                # Every random draw of a step is a function of (seed, step[, rank]): the subnets, the
+                # mix, drop path. So a resumed run repeats an uninterrupted one draw for draw.
+                torch.manual_seed((cfg.seed * 1_000_003 + run.step) * 1009 + rank)
+                subnets = [run.fixed["subnet"]] if cfg.subnet else step_subnets(run.space, cfg, run.step)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                images, targets = data.mix_batch(images, labels, run.space.num_classes, cfg.mixup, cfg.cutmix,
+                                                 cfg.smoothing, torch.default_generator)
+                # forward and backward of each subnet, gradient clipping, one AdamW step
+                loss = train_step(model, opt, run.scaler, images, targets, subnets, DTYPES[cfg.dtype], cfg, world)
+                run.step += 1
+                progress.step(loss, lr, epoch)
+                # Not on an epoch's last step: the epoch-end save follows its evaluation, and a save before
+                # it would let a kill during the evaluation resume past the epoch and lose its history entry.
+                if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and run.step % steps_per_epoch:
+                    run.save()
+                if run.step == stop:
+                    break
+            if run.step % steps_per_epoch == 0:  # an epoch ended: evaluate the fixed subnets, checkpoint
+                end_epoch(run)
+            elif run.step == stop:  # --max-steps ended the run mid-epoch: keep its state for --resume
+                run.save()
+    except NonFiniteLoss as e:
+        written = "not written by this run" if run.saved_step is None else f"last written at step {run.saved_step}"
+        raise NonFiniteLoss(f"step {run.step}: {e}; stopped, {run.ckpt_path} is left as it was ({written}): "
+                            "lower --lr, raise --warmup-epochs or use --dtype fp32") from None
+    final = accuracies(model, run.fixed, loaders.val, DTYPES[cfg.dtype], world) if run.step == total else {}
+    if rank == 0:
+        report(run, final, time.time() - start)
+    return {"model": model, "checkpoint": run.ckpt_path, "top1": final, "history": run.history}
 
 
 def parse_args(argv):

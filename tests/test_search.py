@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import autoformer
+import cli
 import data
 import search
 from supernet import SPACES, Subnet, Supernet, count_params, load_weights
@@ -31,7 +32,7 @@ def checkpoint(tmp_path_factory):
     path = folder / "ckpt.pt"
     torch.save({"model": Supernet(TINY).state_dict(), "space": dataclasses.asdict(TINY), "step": 7,
                 "data": {"kind": "synthetic", "root": str(root), "img_size": 32,
-                         **autoformer.dataset_record(data.load_dataset(root, verify=False)),
+                         **cli.dataset_record(data.load_dataset(root, verify=False)),
                          "minival": {"indices": list(range(0, 40, 2)), "seed": 0, "fraction": 0.5}}}, path)
     return path
 

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from autoformer import AutoFormer, export, extract, load_exported
+from cli import write_atomic
 from kernels import relative_attention
 from supernet import (AUTOFORMER_B, AUTOFORMER_S, AUTOFORMER_T, SPACES, CheckpointError, Subnet, Supernet,
-                      count_params, load_checkpoint, load_supernet, write_atomic)
+                      count_params, load_checkpoint, load_supernet)
 
 # A scaled-down space that still has every feature: several heads, clipped relative distances
 # (max_relative_position 2 on a 5 x 5 grid), unequal embed and head widths.

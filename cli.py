@@ -1,0 +1,144 @@
+"""What the scripts share besides the model: one flag per config field, --resume's checks, atomic
+file writes, reading a subnet, and recognising the data set a checkpoint was trained on.
+
+Plumbing, not part of the algorithm: train.py, search.py and autoformer.py import it so that each
+of them can stay about its one idea.
+"""
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+import data
+from supernet import PUBLISHED, CheckpointError, Subnet, space_of
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def config_parser(config_class, description):
+    """A command line with one flag per field of a config dataclass: --batch-size for batch_size, of
+    the field's type and default, with the help and the choices of its metadata; booleans are
+    switches."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --epoch 3 is a mistake, not --epochs 3
+    for f in dataclasses.fields(config_class):
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, choices=f.metadata.get("choices"),
+                           help=text + (" (default: %(default)s)" if f.default != "" else ""))
+    return p
+
+
+def parse_config(config_class, argv, description):
+    """(config, the names of the flags typed on the command line), from config_parser's command line.
+    A flag typed with its default value counts as typed, so that --resume can tell `--epochs 20` from
+    no --epochs at all."""
+    parser = config_parser(config_class, description)
+    unset = object()  # argparse fills in a default only where the namespace has no value yet
+    fields = {f.name: f.default for f in dataclasses.fields(config_class)}
+    args = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset))))
+    typed = frozenset(name for name, value in args.items() if value is not unset)
+    return config_class(**{name: fields[name] if value is unset else value for name, value in args.items()}), typed
+
+
+def refuse_changed_settings(given, recorded, typed, path):
+    """--resume continues a run with its recorded settings: a typed flag (`typed`: field names) whose
+    value differs from the run's is an error, not silently dropped."""
+    def shown(config, name):
+        value = getattr(config, name)
+        return "''" if value == "" else value
+
+    changed = [f"--{f.name.replace('_', '-')} {shown(given, f.name)} (the run has {shown(recorded, f.name)})"
+               for f in dataclasses.fields(given) if f.name in typed
+               and getattr(given, f.name) != getattr(recorded, f.name)]
+    if changed:
+        raise ValueError(f"{path}: --resume continues the run with its recorded settings, but {', '.join(changed)}: "
+                         "drop the flag, or start afresh in another --out")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_atomic(path, contents):
+    """Write a file so that a crash at any moment leaves the old file or the new one, never a torn
+    one: into a temporary file beside it, flushed to disk, then renamed over it. `contents` is text,
+    or a function that writes into the binary file it is given (`lambda f: torch.save(obj, f)`).
+    Creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # two processes writing one file: each its own
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(contents, str):
+                f.write(contents.encode())
+            else:
+                contents(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left where writing failed
+
+# ----------------------------------------------------------------------------- subnets and data sets
+
+
+def read_subnet(text):
+    """(space name or None, Subnet) from a published name (autoformer-t/s/b) or a Subnet JSON file."""
+    if text.lower() in PUBLISHED:
+        return PUBLISHED[text.lower()]
+    if not Path(text).is_file():
+        raise ValueError(f"--subnet {text}: neither a file nor one of {', '.join(PUBLISHED)}")
+    try:
+        return None, Subnet.from_json(Path(text).read_text())
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{text}: {e}; expected a subnet, e.g. "
+                         '{"embed_dim": 64, "mlp_ratios": [2.0, 4.0], "num_heads": [2, 2]}') from None
+
+
+def dataset_record(dataset):
+    """What a train.py checkpoint records of its data set (besides its folder and held-out split),
+    for check_trained_on to recognise it by."""
+    return {"class_names": dataset.class_names, "train_images": len(dataset.train)}
+
+
+def check_trained_on(dataset, folder, checkpoint, path):
+    """Raise DataError unless `dataset`, read from `folder`, is the one checkpoint `path` was trained
+    on: its held-out split is a list of train image indices and its labels are positions in the
+    class list, so another data set would be read silently wrong. A checkpoint without that record
+    is checked by its model's class count and its largest held-out index."""
+    record, names, train = checkpoint["data"], dataset.class_names, len(dataset.train)
+    classes, held_out = space_of(checkpoint, path).num_classes, record["minival"]["indices"]
+    recorded_names = record.get("class_names", names)
+    if len(names) != classes:
+        mismatch = f"{len(names)} classes, but the model of {path} has {classes}"
+    elif recorded_names != names:
+        i = next(i for i, (a, b) in enumerate(zip(recorded_names, names)) if a != b)
+        mismatch = f"class {i} is {names[i]!r}, but {path} was trained with {recorded_names[i]!r} there"
+    elif record.get("train_images", train) != train:
+        mismatch = f"{train} train images, but {path} was trained on {record['train_images']}"
+    elif max(held_out, default=-1) >= train:
+        mismatch = f"{train} train images, but {path} records held-out train image index {max(held_out)}"
+    else:
+        return
+    raise data.DataError(f"{folder}: {mismatch}: not the data set it was trained on")
+
+
+def load_split(checkpoint, path, split, root=None):
+    """The "minival" or "val" split of the data set a train.py checkpoint records, decoded once
+    into one (images, labels) pair of tensors. `root` overrides the recorded data folder."""
+    record = checkpoint.get("data")
+    if not isinstance(record, dict) or "minival" not in record:
+        raise CheckpointError(f"{path}: records no data set and held-out split: not written by train.py?")
+    folder, indices = root or record["root"], record["minival"]["indices"]
+    if not root and not Path(folder).is_dir():
+        raise data.DataError(f"{path} was trained on {folder}, which is gone: if the data set moved, name its "
+                             "folder with --data")
+    dataset = data.load_dataset(folder, verify=False)  # decode only what is used
+    check_trained_on(dataset, folder, checkpoint, path)
+    loaders = data.build_loaders(dataset, record["img_size"], 500, minival_indices=indices, rank=0, world_size=1)
+    images, labels = zip(*getattr(loaders, split))
+    return torch.cat(images), torch.cat(labels)
