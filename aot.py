@@ -4,7 +4,9 @@ and the register / spill report of `ptxas -v`.
 Why a file of its own: this is the GPU-free check that the kernels compile, and two places use it,
 tests/test_compile.py (every launch compiles for both targets) and bench.py (the register table);
 it is tooling about the kernels rather than part of any op, and needs subprocess, ptxas and
-Triton's compiler internals that kernels.py and attention.py should not carry.
+Triton's compiler internals that kernels.py and attention.py should not carry. It also holds the
+ops of one layer at a space's sizes (`op_case`), which tests/test_kernels.py and bench_cuda.py run
+on a GPU.
 
 Triton's interpreter accepts programs that a GPU compiler rejects (a dot smaller than 16, an
 unsupported layout), so the tests also compile every launch of the wrappers for real targets.
@@ -28,6 +30,7 @@ import tempfile
 import torch
 import triton
 
+import kernels
 import launch
 from attention import RelativeAttention
 from kernels import InterleavedQKV, SlicedLayerNorm, SlicedLinear
@@ -64,6 +67,52 @@ def layer_launches(embed_dim, hidden, num_heads, head_dim, num_tokens, max_rel, 
         h = SlicedLinear.apply(x, param(hidden, S), param(hidden), hidden, True, None)
         SlicedLinear.apply(h, param(S, hidden), param(S), embed_dim, False, None).sum().backward()
     return record_launches(run)
+
+
+OPS = ("layer_norm", "qkv", "attention", "proj+residual", "fc1+gelu", "fc2+residual", "mlp")
+
+
+def op_case(op, batch, embed_dim, hidden, num_heads, head_dim, num_tokens, max_rel, super_dim=None):
+    """One op of a layer at these sizes (keywords as for layer_launches), as (Triton op, reference
+    op, activations, parameters): each op takes the activations then the parameters; all random,
+    fp32 on the CPU, parameters scaled so that every output has about unit variance. The tests and
+    bench_cuda.py run the ops through this."""
+    E, S, H, D, N, B = embed_dim, super_dim or embed_dim, num_heads, head_dim, num_tokens, batch
+    d, T = H * D, 2 * max_rel + 2
+
+    def act(*shape):
+        return torch.randn(B, *shape)
+
+    def linear(n_out, n_in, super_out, super_in):  # a super weight and bias, the block n_out x n_in used
+        return [torch.randn(super_out, super_in) * n_in**-0.5, torch.randn(super_out)]
+
+    def pair(name, **sizes):  # kernels.<name>_triton and kernels.<name>_torch, with these sizes
+        triton_fn, torch_fn = getattr(kernels, f"{name}_triton"), getattr(kernels, f"{name}_torch")
+        return (lambda *a, **kw: triton_fn(*a, **sizes, **kw)), (lambda *a, **kw: torch_fn(*a, **sizes, **kw))
+
+    if op == "layer_norm":
+        return (*pair("sliced_layer_norm"), [act(N, E) * 3 + 1], [torch.randn(S), torch.randn(S)])
+    if op == "qkv":
+        return (*pair("interleaved_qkv", num_heads=H, head_dim=D), [act(N, E)], linear(3 * d, E, 3 * d, S))
+    if op == "attention":
+        triton_op, torch_op = pair("relative_attention", max_relative_position=max_rel)
+        return (lambda q, k, v, *t: triton_op(q, k, v, t), lambda q, k, v, *t: torch_op(q, k, v, t),
+                [act(H, N, D) for _ in range(3)], [torch.randn(T, D) * 0.5 for _ in range(4)])
+    if op == "proj+residual":
+        triton_op, torch_op = pair("sliced_linear", out_features=E)
+        return (lambda x, r, w, b: triton_op(x, w, b, residual=r), lambda x, r, w, b: torch_op(x, w, b, residual=r),
+                [act(N, d), act(N, E)], linear(E, d, S, d))
+    if op == "fc1+gelu":
+        return (*pair("sliced_linear", out_features=hidden, gelu=True), [act(N, E)], linear(hidden, E, hidden, S))
+    if op == "fc2+residual":
+        triton_op, torch_op = pair("sliced_linear", out_features=E)
+        return (lambda x, r, w, b: triton_op(x, w, b, residual=r), lambda x, r, w, b: torch_op(x, w, b, residual=r),
+                [act(N, hidden), act(N, E)], linear(E, hidden, S, hidden))
+    if op == "mlp":
+        triton_op, torch_op = pair("sliced_mlp", hidden=hidden)
+        return (lambda x, r, *p: triton_op(x, *p, residual=r), lambda x, r, *p: torch_op(x, *p, residual=r),
+                [act(N, E), act(N, E)], linear(hidden, E, hidden, S) + linear(E, hidden, S, hidden))
+    raise ValueError(f"op {op!r}: choose one of {OPS}")
 
 
 def compile_launch(kernel, args, meta, arch):

@@ -7,9 +7,13 @@ a key's lookups depend on its grid row and column only: key j sits in a *slot* p
 1 + r for grid line r), and query i maps each slot to a *bucket*, the clipped distance between the
 lines. So the key term is q @ table^T (T = 2 * max_relative_position + 2 buckets) looked up per slot,
 and the value term is the probability mass per slot, re-binned into buckets, times the table.
-`slot_buckets` and `key_slots` are these index maps; `relative_attention_torch`, the reference,
-spreads the per-slot terms over the keys with a one-hot matrix inside the attention's own matrix
-products.
+`slot_buckets` and `key_slots` are these index maps.
+
+`relative_attention_torch`, the reference, spreads the per-slot terms over the keys with the one-hot
+matrix of the keys' slots inside the attention's own matrix products: they ride along as extra
+features, so every step over N x N is a matrix product or the softmax (separate element-wise passes
+over N x N are what cost on a CPU, in bf16 most of all):
+    logits = [q | key term per slot] @ [k | key_slots]^T,   [out | mass per slot] = p @ [v | key_slots]
 
 `relative_attention_triton` is flash attention (online softmax over key tiles, no N x N matrix in
 memory) with the same algorithm. Per query tile the kernel turns buckets into slots once; per key
@@ -95,12 +99,7 @@ def relative_attention_torch(q, k, v, tables, max_relative_position):
     value columns), each (2 * max_relative_position + 2, super D), shared by all heads; their first
     D columns are used. With Rk[i, j] = key_rows[row bucket] + key_cols[column bucket] (Rv likewise):
         p = softmax(D^-0.5 * (q_i . k_j + q_i . Rk[i, j])),   out_i = sum_j p_ij (v_j + Rv[i, j]).
-    Returns (B, N, heads * D), heads merged.
-
-    The per-slot terms ride along the ordinary attention as extra features, so every step over
-    N x N is a matrix product or the softmax (separate element-wise passes over N x N are what cost
-    on a CPU, in bf16 most of all):
-        logits = [q | key term per slot] @ [k | key_slots]^T,   [out | mass per slot] = p @ [v | key_slots]
+    Returns (B, N, heads * D), heads merged. How, without an N x N x D tensor: the module docstring.
     """
     B, H, N, D = q.shape
     key_tables = torch.cat([t[:, :D] for t in tables[:2]])  # (2T, D): by row, then by column
@@ -114,10 +113,11 @@ def relative_attention_torch(q, k, v, tables, max_relative_position):
     q = q.contiguous() * D**-0.5
     # q . Rk[i, j] = sum over the two halves of q . table[bucket]: dot with every bucket, then look up
     # query i's buckets (index_select, not gather: its backward keeps the index, not the input).
-    by_bucket = (q @ key_tables.t()).view(B, H, N * T2)  # (B, H, N * 2T)
+    by_bucket = (q @ key_tables.t()).view(B, H, N * T2)  # key_tables.t(): (D, 2T); (B, H, N * 2T)
     query_offsets = torch.arange(0, N * T2, T2, device=q.device)[:, None]  # (N, 1)
-    key_term = by_bucket.index_select(-1, (buckets + query_offsets).flatten()).view(B, H, N, S)
-    logits = torch.cat([q, key_term], -1) @ torch.cat([k, slots], -1).transpose(-2, -1)  # (B, H, N, N)
+    key_term = by_bucket.index_select(-1, (buckets + query_offsets).flatten()).view(B, H, N, S)  # (B, H, N, S)
+    keys = torch.cat([k, slots], -1).transpose(-2, -1)  # (B, H, D + S, N)
+    logits = torch.cat([q, key_term], -1) @ keys  # (B, H, N, N)
     p = logits.softmax(dim=-1)
 
     # sum_j p_ij Rv[i, j] = (mass of p_i per bucket) @ the value tables; the mass per slot comes out of
@@ -209,6 +209,16 @@ def _load_table(t_ptr, stride_t, T, D, T_PAD: tl.constexpr, BLOCK_D: tl.constexp
     return tab.to(dtype)
 
 
+# One query tile Q (BLOCK_M queries) of one (image, head), flash attention over the key tiles:
+#   q_rows, q_cols = Q @ key_rows^T, Q @ key_cols^T gathered per slot          (BLOCK_M, G_PAD) each
+#   m, l, acc, row_mass, col_mass = -inf, 0, 0, 0, 0
+#   for each key tile K, V (BLOCK_N keys), with R, C the one-hot (BLOCK_N, G_PAD) of its keys' slots:
+#       s = (Q @ K^T + q_rows @ R^T + q_cols @ C^T) * scale * log2(e)
+#       m_new = max(m, rowmax(s));   alpha = 2^(m - m_new);   p = 2^(s - m_new)
+#       l = l * alpha + rowsum(p);   m = m_new
+#       acc = acc * alpha + p @ V;   row_mass = row_mass * alpha + p @ R;   col_mass likewise with C
+#   acc += buckets(row_mass) @ value_rows + buckets(col_mass) @ value_cols
+#   O = acc / l;   lse = m + log2(l)
 @triton.jit
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, H, N, D) each, all with the strides below
@@ -221,6 +231,7 @@ def _attention_fwd_kernel(
 ):
     """One query tile of one (image, head): all key tiles with an online softmax, then the value
     tables' term from the per-slot masses."""
+    # -- the query tile, and its key-table terms per slot
     bh = tl.program_id(1)
     base = (bh // H) * stride_b + (bh % H) * stride_h
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -236,6 +247,7 @@ def _attention_fwd_kernel(
     q_cols = _per_slot(q, kc_ptr, stride_t, T, D, col_buckets, T_PAD, BLOCK_D, DOT_PRECISION)
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
+    # -- the online softmax over the key tiles
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of the logits (log2 units)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(logit - m_i)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # running sum of p @ v
@@ -260,6 +272,7 @@ def _attention_fwd_kernel(
         col_mass = tl.dot(p, col_onehot, col_mass * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
+    # -- the value tables' term, then normalise
     row_mass = _slots_to_buckets(row_mass, q_row, q_cls, max_rel, G_PAD, T_PAD)  # (BLOCK_M, T_PAD)
     col_mass = _slots_to_buckets(col_mass, q_col, q_cls, max_rel, G_PAD, T_PAD)
     acc = tl.dot(row_mass.to(dtype), _load_table(vr_ptr, stride_t, T, D, T_PAD, BLOCK_D, dtype), acc,
@@ -272,6 +285,13 @@ def _attention_fwd_kernel(
     tl.store(lse_ptr + bh * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)
 
 
+# One query tile of one (image, head), p recomputed from the saved lse (flash attention 2):
+#   Delta = rowsum(dO * O);   the per-slot terms of Q (key tables) and dO (value tables), also stored
+#   for each key tile K, V, with R, C its one-hot slot matrices:
+#       p = 2^(s - lse);   dp = dO @ V^T + do_rows @ R^T + do_cols @ C^T;   ds = p * (dp - Delta)
+#       dq += ds @ K;   ds_row += ds @ R;   p_row += p @ R;   ds_col, p_col likewise with C
+#   dq += buckets(ds_row) @ key_rows + buckets(ds_col) @ key_cols;   dQ = dq * scale
+#   this tile's share of the table gradients: buckets(ds)^T @ Q * scale, buckets(p)^T @ dO
 @triton.jit
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, H, N, D) each, all with the strides below
@@ -287,6 +307,7 @@ def _attention_bwd_dq_kernel(
 ):
     """One query tile of one (image, head): dq over all key tiles, and from the per-bucket sums of
     dS and of p: the dq of the key tables' term and this tile's share of all four table gradients."""
+    # -- the query tile, Delta, and the per-slot terms, stored for the dk/dv kernel
     bh = tl.program_id(1)
     base = (bh // H) * stride_b + (bh % H) * stride_h
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -314,6 +335,7 @@ def _attention_bwd_dq_kernel(
     tl.store(slots + 2 * plane, do_rows, mask=(offs_m < N)[:, None])
     tl.store(slots + 3 * plane, do_cols, mask=(offs_m < N)[:, None])
 
+    # -- dq and the per-slot sums of dS and p over the key tiles
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     ds_row = tl.zeros((BLOCK_M, G_PAD), dtype=tl.float32)  # dS summed per key row slot
@@ -338,6 +360,7 @@ def _attention_bwd_dq_kernel(
         p_row = tl.dot(p, row_onehot, p_row, input_precision=DOT_PRECISION)
         p_col = tl.dot(p, col_onehot, p_col, input_precision=DOT_PRECISION)
 
+    # -- per bucket: the key tables' share of dq, and the table gradients
     ds_row = _slots_to_buckets(ds_row, q_row, q_cls, max_rel, G_PAD, T_PAD).to(dtype)  # (BLOCK_M, T_PAD)
     ds_col = _slots_to_buckets(ds_col, q_col, q_cls, max_rel, G_PAD, T_PAD).to(dtype)
     p_row = _slots_to_buckets(p_row, q_row, q_cls, max_rel, G_PAD, T_PAD).to(dtype)
@@ -354,6 +377,11 @@ def _attention_bwd_dq_kernel(
     tl.store(tab + 3 * T_PAD * BLOCK_D, tl.dot(tl.trans(p_col), do, input_precision=DOT_PRECISION))
 
 
+# One key tile K, V of one (image, head), with R, C its one-hot slot matrices:
+#   for each query tile Q, with its stored per-slot terms, lse and Delta:
+#       p = 2^(s - lse);   dv += p^T @ dO
+#       dp = dO @ V^T + do_rows @ R^T + do_cols @ C^T;   ds = p * (dp - Delta);   dk += ds^T @ Q
+#   dK = dk * scale;   dV = dv
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, H, N, D) each, all with the strides below

@@ -114,7 +114,7 @@ class GeluLinear(torch.autograd.Function):
         a = F.gelu(h)  # (..., hidden), recomputed
         dy2, a2 = dy.reshape(-1, dy.shape[-1]), a.reshape(-1, a.shape[-1])  # (M, E), (M, hidden)
         dh = torch.ops.aten.gelu_backward(dy @ weight.to(dy.dtype), h)
-        return dh, (dy2.t() @ a2).to(weight.dtype), dy2.sum(0).to(weight.dtype)
+        return dh, (dy2.t() @ a2).to(weight.dtype), dy2.sum(0).to(weight.dtype)  # dy2.t(): (E, M)
 
 
 def sliced_mlp_torch(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, residual=None):
@@ -208,6 +208,12 @@ def _load_grad(dy_ptr, dk_ptr, dv_ptr, z_ptr, rows, cols, M, n_out, n_tokens,
     return dz
 
 
+# Y = act(X @ W[w_rows, :K]^T + b) (+ R), one (BLOCK_M, BLOCK_N) tile of Y per program:
+#   acc = 0                                                    fp32
+#   for k0 in 0, BLOCK_K, 2 * BLOCK_K, ... < K:
+#       acc += X[rows, k0 : k0 + BLOCK_K] @ W[w_rows(cols), k0 : k0 + BLOCK_K]^T
+#   acc += b[cols];   if GELU: Z = acc, acc = gelu(acc);   if RESIDUAL: acc += R[rows, cols]
+#   Y[rows, cols] = acc                                        (for QKV: into q, k, v by head)
 @triton.jit
 def _matmul_fwd_kernel(
     x_ptr, w_ptr, b_ptr,  # x (M, K); the super weight (>= n_out rows, >= K columns) and bias
@@ -221,6 +227,7 @@ def _matmul_fwd_kernel(
 ):
     """One (BLOCK_M, BLOCK_N) tile of act(x @ W[rows, :K]^T + b) (+ residual). Programs run in
     groups of GROUP_M row tiles, as in the matmul tutorial, so that a W tile is reused from L2."""
+    # -- which tile: programs in groups of GROUP_M row tiles
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(n_out, BLOCK_N)
     group_first = (pid // (GROUP_M * num_n)) * GROUP_M
@@ -231,6 +238,7 @@ def _matmul_fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = _weight_rows(cols, n_out, QKV)
 
+    # -- the reduction over K, W's tile cast to x's dtype in registers
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -239,8 +247,8 @@ def _matmul_fwd_kernel(
         w = tl.load(w_ptr + w_rows[None, :] * stride_wn + ks[:, None] * stride_wk,
                     mask=(cols < n_out)[None, :] & (ks < K)[:, None], other=0.0)  # (BLOCK_K, BLOCK_N): W^T
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    # -- the fused epilogue: bias, GELU (saving its input), residual, one store
     acc += tl.load(b_ptr + cols, mask=cols < n_out, other=0.0).to(tl.float32)[None, :]
-
     mask = (rows < M)[:, None] & (cols < n_out)[None, :]
     if GELU:
         tl.store(z_ptr + rows[:, None] * n_out + cols[None, :], acc.to(z_ptr.dtype.element_ty), mask=mask)
@@ -251,6 +259,11 @@ def _matmul_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# dX = dZ @ W[w_rows, :K], with dZ = dY (* gelu'(Z)), one (BLOCK_M, BLOCK_K) tile of dX per program:
+#   acc = 0
+#   for c0 in 0, BLOCK_N, 2 * BLOCK_N, ... < n_out:
+#       acc += dZ[rows, c0 : c0 + BLOCK_N] @ W[w_rows(c0 : c0 + BLOCK_N), ks]
+#   dX[rows, ks] = acc
 @triton.jit
 def _matmul_bwd_dx_kernel(
     dy_ptr, dk_ptr, dv_ptr, z_ptr,  # output gradient(s) and the saved pre-activation, as in the forward
@@ -275,6 +288,11 @@ def _matmul_bwd_dx_kernel(
     tl.store(dx_ptr + rows[:, None] * K + ks[None, :], acc.to(dtype), mask=(rows < M)[:, None] & (ks < K)[None, :])
 
 
+# dW[w_rows, :K] = dZ^T @ X and db = the column sums of dZ, one (BLOCK_N, BLOCK_K) tile of dW per program:
+#   acc, db = 0, 0
+#   for m0 in 0, BLOCK_M, 2 * BLOCK_M, ... < M:
+#       acc += dZ[m0 : m0 + BLOCK_M, cols]^T @ X[m0 : m0 + BLOCK_M, ks];   db += column sums of that dZ
+#   dW[w_rows(cols), ks] = acc;   the programs of the first K tile: db[cols] = db
 @triton.jit
 def _matmul_bwd_dw_kernel(
     dy_ptr, dk_ptr, dv_ptr, z_ptr,  # output gradient(s) and the saved pre-activation, as in the forward
@@ -318,6 +336,7 @@ def _matmul_forward(x, weight, bias, n_out, gelu, residual, qkv_shape=None):
         raise ValueError(f"a ({n_out}, {K}) block does not fit the super weight {tuple(weight.shape)}")
     y_dtype = residual.dtype if residual is not None else x.dtype
     y = launch.new_output((3, *qkv_shape) if qkv_shape else (M, n_out), y_dtype, x.device)
+    # z, r, and k, v for a linear layer: dummies (y) where their flag is off, see launch.py's "Optional operands"
     z = launch.new_output((M, n_out), x.dtype, x.device) if gelu else y
     r = residual if residual is not None else y
     meta = _matmul_meta("_matmul_fwd_kernel", x, qkv_shape is not None, gelu, qkv_shape[3] if qkv_shape else 1)
@@ -355,13 +374,14 @@ class SlicedLinear(torch.autograd.Function):
         y, z = _matmul_forward(x2, weight, bias, out_features, gelu, r2)
         ctx.save_for_backward(x2, weight, bias, z)
         ctx.out_features, ctx.x_shape, ctx.residual = out_features, x.shape, residual is not None
-        return y.view(*x.shape[:-1], out_features)
+        return y.view(*x.shape[:-1], out_features)  # (..., n_out)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, bias, z = ctx.saved_tensors
-        dx, dw, db = _matmul_backward((dy.reshape(-1, ctx.out_features),), z, x2, weight, bias, ctx.out_features)
-        return dx.view(ctx.x_shape), dw, db, None, None, dy if ctx.residual else None
+        dy2 = dy.reshape(-1, ctx.out_features)  # (M, n_out)
+        dx, dw, db = _matmul_backward((dy2,), z, x2, weight, bias, ctx.out_features)
+        return dx.view(ctx.x_shape), dw, db, None, None, dy if ctx.residual else None  # dx: (..., K)
 
 
 def sliced_linear_triton(x, weight, bias, out_features, gelu=False, residual=None):
@@ -392,7 +412,7 @@ class InterleavedQKV(torch.autograd.Function):
         x2, weight, bias = ctx.saved_tensors
         dx, dw, db = _matmul_backward((dq, dk, dv), None, x2, weight, bias, 3 * math.prod(ctx.qkv_shape[1::2]),
                                       ctx.qkv_shape)
-        return dx.view(ctx.x_shape), dw, db, None, None
+        return dx.view(ctx.x_shape), dw, db, None, None  # dx: (B, N, E)
 
 
 def interleaved_qkv_triton(x, weight, bias, num_heads, head_dim):
@@ -404,6 +424,9 @@ def interleaved_qkv_triton(x, weight, bias, num_heads, head_dim):
 # --- 3: LayerNorm over the first E channels ------------------------------------------------------
 
 
+# BLOCK_ROWS rows per program, each whole (BLOCK_E >= E):
+#   mean = sum(x) / E;   xc = x - mean;   rstd = 1 / sqrt(sum(xc^2) / E + eps)
+#   y = xc * rstd * w[:E] + b[:E];   store y, and mean and rstd for the backward
 @triton.jit
 def _layer_norm_fwd_kernel(
     x_ptr, w_ptr, b_ptr,  # x (M, E) with unit column stride; the super weight and bias (>= E)
@@ -427,6 +450,11 @@ def _layer_norm_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
+# ROWS_PER_PROGRAM rows per program, BLOCK_ROWS at a time:
+#   xhat = (x - mean) * rstd;   wdy = w * dy
+#   dx = (wdy - xhat * mean(xhat * wdy) - mean(wdy)) * rstd      (means over the E channels of a row)
+#   dw_part += sum over the rows of dy * xhat;   db_part += sum over the rows of dy
+# then one row of partial sums per program, which the wrapper adds up.
 @triton.jit
 def _layer_norm_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr,  # dy (M, E) contiguous; x, weight and statistics as saved
@@ -475,7 +503,7 @@ class SlicedLayerNorm(torch.autograd.Function):
                    M, E, x2.stride(0), LAYER_NORM_EPS, **meta)
         ctx.save_for_backward(x2, weight, bias, mean, rstd)  # bias: only for its gradient's shape
         ctx.x_shape = x.shape
-        return y.view(x.shape)
+        return y.view(x.shape)  # (..., E)
 
     @staticmethod
     def backward(ctx, dy):
@@ -490,7 +518,7 @@ class SlicedLayerNorm(torch.autograd.Function):
                    M, E, x2.stride(0), **meta)
         dw, db = launch.block_grad(weight, E), launch.block_grad(bias, E)
         dw[:E], db[:E] = dw_part.sum(0), db_part.sum(0)  # a few hundred rows of partial sums
-        return dx.view(ctx.x_shape), dw, db
+        return dx.view(ctx.x_shape), dw, db  # dx: (..., E)
 
 
 def sliced_layer_norm_triton(x, weight, bias):

@@ -5,9 +5,10 @@ spaces change only the power-of-two block widths of LayerNorm and attention).
 
 The interpreter runs programs a GPU would reject (a dot under 16 wide, a layout the backend cannot
 lower), so this is the check that catches them. @triton.jit becomes the interpreter at import when
-TRITON_INTERPRET is set, as conftest.py does, so the compiles run in fresh Python processes with
+TRITON_INTERPRET is set, as conftest.py does without a GPU, so the compiles run in fresh Python processes with
 it unset, one per architecture, in parallel. Triton caches the results (~/.triton/cache): the
-first run takes one to two minutes on two cores, later ones seconds."""
+first run takes one to two minutes on two cores, later ones seconds. .ci/run runs this file a
+second time with the oldest Triton the repository supports (requirements.txt)."""
 import json
 import os
 import subprocess
@@ -16,17 +17,10 @@ from pathlib import Path
 
 import pytest
 
+import aot
 from supernet import SPACES
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def space_layer(space):
-    """The largest layer of a space, as keywords for aot.layer_launches."""
-    E = max(space.embed_dims)
-    return dict(embed_dim=E, hidden=int(E * max(space.mlp_ratios)), num_heads=max(space.num_heads),
-                head_dim=space.head_dim, num_tokens=space.num_patches + 1,
-                max_rel=space.max_relative_position, super_dim=space.super_embed_dim)
 
 
 SCRIPT = """
@@ -40,7 +34,7 @@ print(json.dumps(rows))
 @pytest.fixture(scope="module")
 def compiled():
     """{arch: the rows of aot.compile_layers} for sm_80 and sm_90."""
-    layers = json.dumps([space_layer(SPACES["tiny"])])
+    layers = json.dumps([aot.space_layer(SPACES["tiny"])])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     runs = {arch: subprocess.Popen([sys.executable, "-c", SCRIPT, layers, str(arch)], cwd=ROOT, env=env,
