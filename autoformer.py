@@ -5,23 +5,32 @@ made of ordinary nn.Linear / nn.LayerNorm layers, with the qkv rows regrouped in
 [q; k; v] order. Its logits equal the supernet's for that subnet.
 
 The command line is the entry point for one searched model (NAME: autoformer-t/s/b or a JSON file):
+    python autoformer.py info                                     # the paper's three models
     python autoformer.py info --subnet out/search/best.json       # params, MACs, the layers
     python autoformer.py evaluate --checkpoint out/ckpt.pt --subnet out/search/best.json
     python autoformer.py export --checkpoint out/ckpt.pt --subnet out/search/best.json --out model.pt
-and `load_exported("model.pt")` gives the exported model back.
+and `load_exported("model.pt")` gives the exported model back. A released supernet records no
+space and no data set: --space names the one, --data ImageNet's folder (train/, val/):
+    python autoformer.py evaluate --checkpoint supernet-tiny.pth --space tiny --subnet autoformer-t --data IMAGENET
 """
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import torch
 import torch.nn as nn
 
-from cli import load_split, read_subnet, write_atomic
+from cli import open_supernet, read_subnet, refuse_official_flags, val_batches, write_atomic
+from data import Crops
 from kernels import relative_attention
-from supernet import (SPACES, CheckpointError, RelativePosition2D, Subnet, Supernet, check_images, count_flops,
-                      count_params, load_checkpoint, load_weights, official_init, space_of)
+from supernet import (PUBLISHED, SPACES, CheckpointError, RelativePosition2D, Subnet, Supernet, check_images,
+                      count_flops, count_params, load_checkpoint, load_weights, official_init, space_of)
+
+# ImageNet val top-1 of the paper's three models with the weights they inherit from the released
+# supernets, as the paper and the official README give them: what `evaluate` should reproduce.
+PAPER_TOP1 = {"autoformer-t": 74.7, "autoformer-s": 81.7, "autoformer-b": 82.4}
 
 
 class Block(nn.Module):
@@ -112,17 +121,20 @@ def extract(supernet, subnet):
 @torch.inference_mode()
 def evaluate(model, data, subnet=None, dtype=None, batch_size=1000):
     """Top-1 accuracy in percent (and top-5 with >= 100 classes) of a Supernet running `subnet`, or
-    of a standalone AutoFormer, on `data`: a DataLoader of (images, labels) batches, or one
-    (images, labels) pair of tensors already decoded and normalised, cut here into `batch_size`
-    chunks. search.py scores ~1000 subnets on the same held-out images: decoding them once and
-    feeding large chunks is what makes that cheap. `dtype` (torch.bfloat16 / float16) autocasts.
-    Returns {"top1": %, "images": n} plus "top5": % when the space has >= 100 classes.
+    of a standalone AutoFormer, on `data`: a DataLoader (or any iterable) of (images, labels)
+    batches, one (images, labels) pair of tensors already decoded and normalised, or data.Crops,
+    either of these cut here into `batch_size` chunks. search.py scores ~1000 subnets on the same
+    held-out images: decoding them once and feeding large chunks is what makes that cheap. `dtype`
+    (torch.bfloat16 / float16) autocasts. Returns {"top1": %, "images": n} plus "top5": % when the
+    space has >= 100 classes.
     """
     if isinstance(model, Supernet) and subnet is None:
         raise ValueError("evaluate: a Supernet needs the subnet to run")
     if isinstance(model, AutoFormer) and subnet not in (None, model.subnet):
         raise ValueError("evaluate: this AutoFormer is one fixed subnet; pass subnet=None")
-    if isinstance(data, (tuple, list)) and torch.is_tensor(data[0]):  # one (images, labels) pair
+    if isinstance(data, Crops):  # uint8, normalised chunk by chunk into the model's dtype
+        data = data.batches(batch_size, model.pos_embed.dtype)
+    elif isinstance(data, (tuple, list)) and torch.is_tensor(data[0]):  # one (images, labels) pair
         data = zip(data[0].split(batch_size), data[1].split(batch_size))
     was_training, device = model.training, model.pos_embed.device
     k = 5 if model.space.num_classes >= 100 else 1
@@ -164,43 +176,72 @@ def load_exported(path):
     return load_weights(AutoFormer(space_of(saved, path), subnet), saved["model"], path).eval()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def info(subnet_name, space_name):
+    """Print the parameters, MACs and layers of one subnet, or without a name the paper's three."""
+    if not subnet_name:
+        print(f"{'name':12}  {'space':5}  {'parameters':>10}  {'MACs':>7}  the paper's ImageNet top-1 (inherited "
+              "weights)")
+        for name, (space_name, subnet) in PUBLISHED.items():
+            space = SPACES[space_name]
+            print(f"{name:12}  {space_name:5}  {count_params(space, subnet) / 1e6:8.3f} M  "
+                  f"{count_flops(space, subnet) / 1e9:5.2f} G  {PAPER_TOP1[name]:.1f} %")
+        return
+    published_space, subnet = read_subnet(subnet_name)
+    space = SPACES[space_name or published_space or "cpu"]
+    space.validate(subnet)
+    print(f"{subnet_name}: {count_params(space, subnet) / 1e6:.3f} M parameters, "
+          f"{count_flops(space, subnet) / 1e6:.1f} M MACs per {space.img_size} px image, "
+          f"embed dim {subnet.embed_dim}, depth {subnet.depth}")
+    print("layer  heads  mlp ratio  hidden")
+    for i, (heads, ratio, hidden) in enumerate(zip(subnet.num_heads, subnet.mlp_ratios, subnet.hidden_dims())):
+        print(f"{i:5d}  {heads:5d}  {ratio:9g}  {hidden:6d}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     commands = p.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="parameters, MACs and the layers of a subnet")
-    info.add_argument("--space", choices=SPACES, help="its space (default: the published model's, else cpu)")
+    described = commands.add_parser("info", help="parameters, MACs and the layers of a subnet; the paper's models")
+    described.add_argument("--subnet", help="autoformer-t/s/b or a Subnet JSON file; none: the paper's three models")
+    described.add_argument("--space", choices=SPACES, help="its space (default: the published model's, else cpu)")
     for name, text in (("evaluate", "top-1 on the val split with weights inherited from the supernet"),
                        ("export", "save the subnet as a standalone model (load it with load_exported)")):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("--checkpoint", default="out/ckpt.pt", help="supernet checkpoint (default: %(default)s)")
-    commands.choices["evaluate"].add_argument("--data", help="data folder, if it moved since training")
-    commands.choices["export"].add_argument("--out", required=True, help="file to write, e.g. model.pt")
-    for command in commands.choices.values():
+        command = commands.add_parser(name, help=text, allow_abbrev=False)
+        command.add_argument("--checkpoint", default="out/ckpt.pt", help="supernet checkpoint: ours, or an official "
+                             "supernet-*.pth (default: %(default)s)")
+        command.add_argument("--space", default="", help="the space of an official checkpoint, which records none: "
+                             "tiny, small or base")
         command.add_argument("--subnet", required=True, help="autoformer-t/s/b or a Subnet JSON file (best.json)")
-    args = p.parse_args(argv)
+    evaluate_ = commands.choices["evaluate"]
+    evaluate_.add_argument("--data", default="", help="ImageNet's folder (train/, val/) for an official checkpoint; "
+                           "for ours, the data folder if it moved since training")
+    evaluate_.add_argument("--batch-size", type=int, default=250, help="images per forward (default: %(default)s)")
+    evaluate_.add_argument("--workers", type=int, default=min(8, os.cpu_count()),
+                           help="processes decoding images (default: %(default)s)")
+    commands.choices["export"].add_argument("--out", required=True, help="file to write, e.g. model.pt")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        published_space, subnet = read_subnet(args.subnet)
         if args.command == "info":
-            space = SPACES[args.space or published_space or "cpu"]
-            space.validate(subnet)
-            print(f"{args.subnet}: {count_params(space, subnet) / 1e6:.3f} M parameters, "
-                  f"{count_flops(space, subnet) / 1e6:.1f} M MACs per {space.img_size} px image, "
-                  f"embed dim {subnet.embed_dim}, depth {subnet.depth}")
-            print("layer  heads  mlp ratio  hidden")
-            for i, (heads, ratio, hidden) in enumerate(zip(subnet.num_heads, subnet.mlp_ratios, subnet.hidden_dims())):
-                print(f"{i:5d}  {heads:5d}  {ratio:9g}  {hidden:6d}")
-            return
+            return info(args.subnet, args.space)
+        subnet = read_subnet(args.subnet)[1]
         checkpoint = load_checkpoint(args.checkpoint, supernet=True)
-        supernet = load_weights(Supernet(space_of(checkpoint, args.checkpoint)), checkpoint["model"], args.checkpoint)
+        refuse_official_flags(checkpoint, args.checkpoint, {"--space": args.space})
+        supernet = open_supernet(checkpoint, args.checkpoint, args.space)
         supernet.space.validate(subnet)
         if args.command == "export":
             export(supernet, subnet, args.out)
             print(f"wrote {args.out}: {count_params(supernet.space, subnet) / 1e6:.3g} M parameters; "
                   f"load it with autoformer.load_exported({str(args.out)!r})")
-        else:
-            result = evaluate(supernet, load_split(checkpoint, args.checkpoint, "val", args.data), subnet)
-            print(f"{args.subnet}: val top-1 {result['top1']:.2f}% on {result['images']} images"
-                  + (f", top-5 {result['top5']:.2f}%" if "top5" in result else ""))
+            return
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        val = val_batches(checkpoint, args.checkpoint, supernet.space, args.data, args.batch_size, args.workers, device)
+        result = evaluate(supernet.to(device), val, subnet)
+        print(f"{args.subnet}: val top-1 {result['top1']:.2f}% on {result['images']} images"
+              + (f", top-5 {result['top5']:.2f}%" if "top5" in result else ""))
     except (ValueError, OSError) as e:  # CheckpointError, DataError, a subnet outside the space
         print(f"autoformer.py: error: {e}", file=sys.stderr)
         sys.exit(2)

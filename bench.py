@@ -11,6 +11,8 @@ Sections (pick with --only, comma separated):
           (linear layers' products, relative-position products, attention's batched products, rest)
   memory  peak memory of one fp32 training step of the largest tiny subnet at 224 px, batch 8
   data    the built-in data set's loader in images/s, and training steps of the default cpu space
+  loader  the evaluation loader of image folders (the released models' protocol: data.evaluation_transform)
+          on a folder of 224 px JPEGs written to a temporary folder, in images/s per number of workers
   registers  registers / spills / shared memory of every Triton launch at sm_80 and sm_90 (aot.py)
 
 Every variant, and the official model, runs the same sequence of subnets on the same batch, each
@@ -39,13 +41,17 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import aot
@@ -74,6 +80,7 @@ class BenchConfig:
                                                          "empty: project only"})
     out: str = field(default="out/bench.json", metadata={"help": "JSON results, written atomically"})
     only: str = field(default="", metadata={"help": "comma-separated sections to run; empty: all, in the order above"})
+    loader_images: int = field(default=640, metadata={"help": "JPEGs of the loader section, 224 px"})
 
 
 @dataclass(frozen=True)
@@ -429,8 +436,39 @@ def section_data(cfg, impls, results):
     return rows
 
 
+def write_jpegs(folder, count, size=224, classes=10, seed=0):
+    """`count` size x size JPEGs (quality 90) in FOLDER/<class>/: smooth colour fields with pixel
+    noise, so that they compress and decode like photographs rather than like noise."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        coarse = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)  # (size, size, 3)
+        pixels = np.asarray(coarse, dtype=np.float32) + rng.normal(0, 8, (size, size, 3))
+        path = folder / f"class{i % classes}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def section_loader(cfg, impls, results):
+    """The evaluation loader on 224 px JPEGs, as cli.val_batches runs it: decoding, the bicubic resize
+    to 256 and the centre crop (uint8) per image in the worker processes (0: in this one), then the
+    normalisation of whole batches here; images/s per number of workers."""
+    rows, results["loader"] = [], {}
+    with tempfile.TemporaryDirectory() as root:
+        write_jpegs(Path(root), cfg.loader_images)
+        _, images = data.read_split(root)
+        crop, mean_std = data.evaluation_transform("folder", 224, normalised=False), data.NORMALISATION["folder"]
+        for workers in (0, 1, 2):
+            loader = data.make_loader(images, None, crop, 32, workers)
+            batches = data.normalise_batches(loader, mean_std)  # as cli.val_batches
+            rate = results["loader"][workers] = data.measure_throughput(batches, max_batches=len(loader))
+            rows.append((f"eval loader, 224 px JPEGs, {workers} workers (images/s)", rate, None, None))
+            print(f"  {workers} workers: {rate:.1f} images/s", flush=True)
+    return rows
+
+
 SECTION_FNS = {"matmul": section_matmul, "train": section_train, "split": section_split, "memory": section_memory,
-               "data": section_data, "registers": section_registers}
+               "data": section_data, "loader": section_loader, "registers": section_registers}
 
 
 def print_table(rows):

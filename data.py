@@ -1,5 +1,6 @@
 """Data: the built-in synthetic set, readers for image folders and CIFAR pickles, up-front
-validation, the minival split, augmentation in plain torch, Mixup/CutMix, and the loaders.
+validation, the minival split, augmentation in plain torch, the evaluation transform of the
+released AutoFormers, Mixup/CutMix, and the loaders.
 
 Every source becomes a `DataSet`: class names, a train and a val `ImageList`, each one uint8
 tensor (N, 3, H, W) decoded once (CIFAR, the built-in set, small folders of equal-size images)
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import pickle
+import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -211,8 +213,8 @@ def load_dataset(path, verify=True):
             return _read_cifar(folder, "cifar10")
         if (folder / "meta").is_file() and (folder / "train").is_file():
             return _read_cifar(folder, "cifar100")
-    train_names, train = _read_split(path / "train", verify)
-    val_names, val = _read_split(path / "val", verify)
+    train_names, train = read_split(path / "train", verify)
+    val_names, val = read_split(path / "val", verify)
     if val_names != train_names:
         only_train, only_val = sorted(set(train_names) - set(val_names)), sorted(set(val_names) - set(train_names))
         raise DataError(f"{path / 'val'}: classes differ from train: only in train {only_train}, "
@@ -221,7 +223,10 @@ def load_dataset(path, verify=True):
     return DataSet(kind, train_names, train, val)
 
 
-def _read_split(folder, verify):
+def read_split(folder, verify=False):
+    """(class names, ImageList) of FOLDER/<class>/<images>: classes in the sorted order of their
+    names, as torchvision's ImageFolder numbers them, and each class's files in sorted order."""
+    folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: folder missing; expected {folder}/<class_name>/<images>")
     class_folders = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -327,23 +332,33 @@ def random_resized_crop(image, size, scale, ratio, generator):
     return _resize(image[:, top:top + h, left:left + w], size, size)
 
 
-def resize_centre_crop(image, size, crop_fraction):
-    """Resize the short side to size / crop_fraction and keep the central size x size."""
+def resize_centre_crop(image, size, resize):
+    """torchvision's Resize(resize) then CenterCrop(size) of a uint8 (3, H, W) image, as DeiT and the
+    released AutoFormers evaluate: the shorter side to `resize` and the longer to int(resize * long /
+    short) with Pillow's bicubic filter (uint8 out), then the central size x size, its offsets
+    rounded half to even as Python's round(). Returns a contiguous uint8 (3, size, size)."""
     _, height, width = image.shape
-    factor = round(size / crop_fraction) / min(height, width)
-    height, width = round(height * factor), round(width * factor)
-    top, left = (height - size) // 2, (width - size) // 2
-    return _resize(image, height, width)[:, top:top + size, left:left + size]
+    pixels = image.permute(1, 2, 0).numpy()  # (H, W, 3)
+    short, long = sorted((height, width))
+    if short != resize:
+        long = int(resize * long / short)
+        height, width = (resize, long) if height <= width else (long, resize)
+        pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BICUBIC))
+    top, left = round((height - size) / 2), round((width - size) / 2)
+    crop = pixels[top:top + size, left:left + size].transpose(2, 0, 1)  # (3, size, size)
+    return torch.from_numpy(np.ascontiguousarray(crop))
 
 
 @dataclass
 class Transform:
     """uint8 (3, H, W) -> normalised float (3, size, size). crop is "translate" (the built-in
-    set), "random_resized" (real data) or "centre" (evaluation); random draws use `generator`."""
+    set), "random_resized" (real data) or "centre" (evaluation: see resize_centre_crop; `resize`
+    0 means size); random draws use `generator`. mean_std None: the crop as it is, not normalised
+    (a centre crop stays uint8: see Crops)."""
     size: int
-    mean_std: tuple
+    mean_std: tuple | None
     crop: str = "centre"
-    crop_fraction: float = 1.0
+    resize: int = 0
     pad: int = 4
     scale: tuple = (0.08, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
@@ -357,11 +372,57 @@ class Transform:
         elif self.crop == "random_resized":
             image = random_resized_crop(image, self.size, self.scale, self.ratio, generator)
         else:
-            image = resize_centre_crop(image, self.size, self.crop_fraction)
+            image = resize_centre_crop(image, self.size, self.resize or self.size)
         if self.hflip and torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
-        mean, std = (torch.tensor(v).view(3, 1, 1) for v in self.mean_std)  # (3,) -> (3, 1, 1)
-        return (image / 255 - mean) / std
+        if self.mean_std is None:
+            return image
+        return normalise(image, self.mean_std)
+
+
+def normalise(images, mean_std):
+    """Pixels (..., 3, H, W) in 0..255, uint8 or float, to float scaled to [0, 1] and normalised per channel."""
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in mean_std)  # (3,) -> (3, 1, 1)
+    return (images / 255 - mean) / std
+
+
+def normalise_batches(batches, mean_std, device=None, dtype=torch.float32):
+    """uint8 (images, labels) batches, moved to `device` (default: where they are) and normalised
+    there a whole batch at a time, in `dtype`. Evaluation crops stay uint8 until here: a quarter
+    of float32's bytes between the loader's processes and to the GPU, and one large operation per
+    batch instead of one small one per image in the main process (bench.py --only loader)."""
+    for images, labels in batches:
+        yield normalise(images.to(device, non_blocking=True), mean_std).to(dtype), labels
+
+
+def evaluation_transform(kind, size, normalised=True):
+    """The evaluation transform of a data set kind: image folders (ImageNet) as DeiT and the released
+    AutoFormers, the shorter side to int(256 / 224 * size), then the central size x size; 32 px sets
+    (the built-in one, CIFAR) as they are. normalised=False: the uint8 crop (see Crops)."""
+    resize = int(256 / 224 * size) if kind == "folder" else size
+    return Transform(size, NORMALISATION[kind] if normalised else None, resize=resize)
+
+
+@dataclass
+class Crops:
+    """An evaluation split decoded and cropped once, kept as uint8: a quarter of float32's memory
+    (the 100,000 images of the official search's fitness set take 15 GB at 224 px). The crop of
+    the protocol is uint8 before normalisation, so nothing is lost; `batches` normalises as it
+    reads, with the same arithmetic as Transform."""
+    pixels: torch.Tensor  # (N, 3, S, S) uint8
+    labels: torch.Tensor  # (N,) int64
+    mean_std: tuple
+
+    def __len__(self):
+        return len(self.labels)
+
+    def to(self, device):
+        return Crops(self.pixels.to(device), self.labels.to(device), self.mean_std)
+
+    def batches(self, batch_size, dtype=torch.float32):
+        """(images (B, 3, S, S) normalised, in `dtype`, labels (B,)) batches, in order."""
+        return normalise_batches(zip(self.pixels.split(batch_size), self.labels.split(batch_size)), self.mean_std,
+                                 dtype=dtype)
 
 
 def mix_batch(images, targets, num_classes, mixup_alpha, cutmix_alpha, label_smoothing, generator):
@@ -405,6 +466,20 @@ def split_minival(num_items, fraction, seed, labels=None):
         minival += members[torch.randperm(len(members), generator=generator)[:count]].tolist()
     taken = set(minival)
     return [i for i in range(num_items) if i not in taken], sorted(minival)
+
+
+def draw_per_class(images, per_class, seed):
+    """Sorted indices of `per_class` images of each class of an ImageList read by read_split, drawn
+    as the official code drew its search's fitness set (lib/subImageNet.py): one random.Random(seed)
+    for all, each class in turn in sorted order, random.sample of its files in sorted order."""
+    rng, chosen, start = random.Random(seed), [], 0
+    for count in torch.bincount(images.labels).tolist():  # read_split lists each class's files in one run
+        if count < per_class:
+            raise DataError(f"{images.paths[start].parent}: {count} images, fewer than the {per_class} per class "
+                            "to draw")
+        chosen += sorted(rng.sample(range(start, start + count), per_class))
+        start += count
+    return chosen
 
 
 class ShardedSampler(torch.utils.data.Sampler):
@@ -462,8 +537,7 @@ def build_loaders(dataset, image_size, batch_size, *, seed=0, minival_fraction=0
     (say, from a checkpoint) is given. rank / world_size default to torch.distributed's.
     Evaluation shards are disjoint and may differ by one item: sum counts across ranks. The
     built-in set trains with translation only (it is not flip-invariant), real data with
-    random-resized crops and `hflip`; evaluation centre-crops 0.875 of image folders and keeps
-    all of 32 px images."""
+    random-resized crops and `hflip`; evaluation is evaluation_transform's."""
     if rank is None:
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if minival_indices is None:
@@ -471,21 +545,29 @@ def build_loaders(dataset, image_size, batch_size, *, seed=0, minival_fraction=0
     minival_set = set(minival_indices)
     train_indices = [i for i in range(len(dataset.train)) if i not in minival_set]
     mean_std = NORMALISATION[dataset.kind]
-    evaluate = Transform(image_size, mean_std, crop_fraction=0.875 if dataset.kind == "folder" else 1.0)
+    evaluate = evaluation_transform(dataset.kind, image_size)
     augment = Transform(image_size, mean_std, "random_resized", scale=scale, ratio=ratio, hflip=hflip)
     if dataset.kind == "synthetic":
         augment = Transform(image_size, mean_std, "translate")
 
     def loader(images, indices, transform, train):
-        sampler = ShardedSampler(len(indices), train, seed, rank, world_size)
-        return torch.utils.data.DataLoader(
-            _Subset(images, indices, transform), batch_size if train else eval_batch_size or batch_size,
-            sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-            drop_last=train, persistent_workers=num_workers > 0)
+        return make_loader(images, indices, transform, batch_size if train else eval_batch_size or batch_size,
+                           num_workers, train, seed, rank, world_size)
 
     return Loaders(loader(dataset.train, train_indices, augment, True),
                    loader(dataset.train, minival_indices, evaluate, False),
                    loader(dataset.val, list(range(len(dataset.val))), evaluate, False), minival_indices)
+
+
+def make_loader(images, indices, transform, batch_size, num_workers=0, train=False, seed=0, rank=0, world_size=1):
+    """A DataLoader of (transform(image), label) batches of images[indices] (None: all of them),
+    decoded in `num_workers` processes: shuffled and wrapped for training (see ShardedSampler),
+    in order for evaluation."""
+    indices = range(len(images)) if indices is None else indices
+    sampler = ShardedSampler(len(indices), train, seed, rank, world_size)
+    return torch.utils.data.DataLoader(_Subset(images, indices, transform), batch_size, sampler=sampler,
+                                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                                       drop_last=train, persistent_workers=num_workers > 0)
 
 
 def measure_throughput(loader, max_batches=50):

@@ -12,9 +12,18 @@ them and refilling the population of 50 with random subnets: 1,050 subnets score
     python search.py --latency-ms 4 --latency-batch 1    # measured on this machine
     python search.py --resume                            # continue a killed search, same result
     torchrun --nproc_per_node=2 search.py                # the candidates split across processes
+    python search.py --checkpoint supernet-tiny.pth --space tiny --data IMAGENET --params 5.5M:6M
+
+A released supernet (supernet-tiny.pth, ...) records neither its space (--space names it) nor a
+held-out split. Its subnets are ranked as the official code ranks them: on --fitness-per-class
+images of each class drawn from IMAGENET/train with --seed (100 in the official code), or on the
+folder --fitness-data names. These are images the supernet was trained on, unlike the held-out
+split of this repository's checkpoints: the ranking is the official one, not an unbiased one.
+The winner is reported on IMAGENET/val.
 
 Writes OUT (default: the checkpoint's folder/search): candidates.jsonl (every scored subnet),
-best.json (a Subnet), pareto.json, search.png, latency.jsonl (with --latency-ms) and state.json.
+best.json (a Subnet), pareto.json, search.png, latency.jsonl (with --latency-ms), state.json and,
+for a released supernet, fitness.json (the fitness images' files, to rebuild the set).
 """
 import dataclasses
 import hashlib
@@ -33,14 +42,19 @@ import torch.distributed as dist
 
 import plot
 from autoformer import evaluate, extract
-from cli import load_split, parse_config, refuse_changed_settings, write_atomic
-from supernet import Subnet, Supernet, count_flops, count_params, load_checkpoint, load_weights, space_of
+from cli import (checkpoint_space, decode_crops, is_official, load_split, official_split, open_supernet, parse_config,
+                 refuse_changed_settings, refuse_official_flags, val_batches, write_atomic)
+from data import DataError, draw_per_class
+from supernet import Subnet, Supernet, count_flops, count_params, load_checkpoint
 
 
 @dataclass
 class SearchConfig:
-    checkpoint: str = field(default="", metadata={"help": "supernet checkpoint written by train.py; empty: "
-                                                          "out/ckpt.pt, with --resume the one the search recorded"})
+    checkpoint: str = field(default="", metadata={"help": "supernet checkpoint, ours or an official supernet-*.pth; "
+                                                          "empty: out/ckpt.pt, with --resume the one the search "
+                                                          "recorded"})
+    space: str = field(default="", metadata={"help": "the space of an official checkpoint, which records none: tiny, "
+                                                     "small or base"})
     out: str = field(default="", metadata={"help": "results folder; empty: the checkpoint's folder/search"})
     algorithm: str = field(default="evolution", metadata={"help": "the same number of subnets scored either way",
                                                           "choices": ("evolution", "random")})
@@ -62,13 +76,24 @@ class SearchConfig:
     dtype: str = field(default="bf16", metadata={"help": "for scoring; the final val report is fp32",
                                                  "choices": ("bf16", "fp32")})
     batch_size: int = field(default=250, metadata={"help": "images per forward when scoring"})
-    data: str = field(default="", metadata={"help": "data folder, if it moved since training"})
+    data: str = field(default="", metadata={"help": "ImageNet's folder (train/, val/) for an official checkpoint; "
+                                                    "for ours, the data folder if it moved since training"})
+    fitness_per_class: int = field(default=100, metadata={"help": "official checkpoint: rank the subnets on this many "
+                                                                  "images per class drawn from DATA/train with --seed, "
+                                                                  "as the official code; images the supernet was "
+                                                                  "trained on, unlike our held-out split"})
+    fitness_data: str = field(default="", metadata={"help": "official checkpoint: rank on this image folder "
+                                                            "(<class>/<images>) instead"})
+    workers: int = field(default=min(8, os.cpu_count()), metadata={"help": "processes decoding an official "
+                                                                           "checkpoint's fitness and val images"})
     resume: bool = field(default=False, metadata={"help": "continue the search in OUT with its recorded settings"})
 
 
-RUNTIME_FIELDS = ("out", "data", "batch_size", "resume")  # --resume keeps these from the command line
+RUNTIME_FIELDS = ("out", "data", "batch_size", "workers", "resume")  # --resume keeps these from the command line
 DEFAULT_CHECKPOINT = "out/ckpt.pt"
-STALE_RESULTS = ("state.json", "best.json", "pareto.json", "search.png")  # what a fresh search removes, in order
+# what a fresh search removes, in order
+STALE_RESULTS = ("state.json", "best.json", "pareto.json", "search.png", "fitness.json")
+DEFAULT_PER_CLASS = SearchConfig.fitness_per_class
 
 # ----------------------------------------------------------------------------- constraints
 
@@ -193,8 +218,9 @@ def pareto(records):
 # ----------------------------------------------------------------------------- scoring and latency
 
 
-def supernet_fitness(scorer, images, labels, cfg, memo, on_score, rank, world):
-    """fitness() for run_search: top-1 % on the held-out tensors. Each process scores one subnet
+def supernet_fitness(scorer, split, cfg, memo, on_score, rank, world):
+    """fitness() for run_search: top-1 % on `split`, the images that rank the subnets, decoded
+    once: an (images, labels) pair of tensors or data.Crops. Each process scores one subnet
     per CPU thread at a time (one on a GPU), and the processes all-gather their scores. Subnets
     in `memo` (scored before a resume) are not scored again; on_score sees each new one, in order.
     On a CPU, a subnet per core on one thread each beats one subnet at a time on all cores: the
@@ -203,7 +229,7 @@ def supernet_fitness(scorer, images, labels, cfg, memo, on_score, rank, world):
     jobs = 1 if scorer.pos_embed.is_cuda else torch.get_num_threads()
 
     def top1(subnet):
-        return evaluate(scorer, (images, labels), subnet, None, cfg.batch_size)["top1"]
+        return evaluate(scorer, split, subnet, None, cfg.batch_size)["top1"]
 
     def fitness(subnets, generation):
         todo, threads = [s for s in subnets if s not in memo], torch.get_num_threads()
@@ -318,13 +344,43 @@ def check_fingerprint(cfg, state, out):
     return fingerprint
 
 
-def load_scorer(checkpoint, space, cfg, device):
+def load_scorer(checkpoint, cfg, device):
     """(the supernet, a copy of it in the scoring dtype). The copy is cast once: autocast would
     cast each weight slice again in every forward (20 % slower)."""
-    supernet = load_weights(Supernet(space), checkpoint["model"], cfg.checkpoint).to(device).eval()
-    scorer = Supernet(space).to(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]).eval()
+    supernet = open_supernet(checkpoint, cfg.checkpoint, cfg.space).to(device).eval()
+    scorer = Supernet(supernet.space).to(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]).eval()
     scorer.load_state_dict(supernet.state_dict())
     return supernet, scorer
+
+
+def load_fitness_set(checkpoint, space, cfg, device, dtype):
+    """(the images that rank the subnets, on `device`; what they are, in words; for an official
+    checkpoint the record of fitness.json, else None). Ours: the held-out split train.py recorded.
+    An official checkpoint records none, so, as the official code: --fitness-per-class images of
+    each class drawn from DATA/train with --seed (data.draw_per_class), or the --fitness-data
+    folder, kept as uint8 crops (data.Crops). The val split's classes must be theirs."""
+    if not is_official(checkpoint):
+        images, labels = load_split(checkpoint, cfg.checkpoint, "minival", cfg.data)
+        return (images.to(device, dtype), labels.to(device)), f"{len(labels)} held-out images", None
+    if cfg.fitness_per_class < 1:
+        raise ValueError(f"--fitness-per-class {cfg.fitness_per_class}: expected at least 1 image per class")
+    val_names = official_split(cfg.data, "val", space, cfg.checkpoint)[0]
+    if cfg.fitness_data:
+        folder = Path(cfg.fitness_data)
+        names, images = official_split(folder, "", space, cfg.checkpoint)
+        indices, what = list(range(len(images))), f"the {len(images)} images of {folder}"
+    else:
+        folder = Path(cfg.data) / "train"
+        names, images = official_split(cfg.data, "train", space, cfg.checkpoint)
+        indices = draw_per_class(images, cfg.fitness_per_class, cfg.seed)
+        what = f"{len(indices)} images of {folder}, {cfg.fitness_per_class} per class drawn with seed {cfg.seed}"
+    if names != val_names:  # labels are positions in the sorted class list: they would mean other classes
+        i = next(i for i, (a, b) in enumerate(zip(names, val_names)) if a != b)
+        raise DataError(f"{folder}: class {i} is {names[i]!r}, but in {Path(cfg.data) / 'val'} it is "
+                        f"{val_names[i]!r}: not the classes of the val split")
+    crops = decode_crops(images, indices, space.img_size, cfg.batch_size, cfg.workers).to(device)
+    files = [str(images.paths[i].relative_to(folder)) for i in indices]
+    return crops, what + " (images the supernet was trained on)", {"folder": str(folder), "files": files}
 
 
 class SearchFiles:
@@ -339,10 +395,14 @@ class SearchFiles:
         self.latency = None  # set by start(), once the folder is ready
         self.total = (cfg.generations + 1) * cfg.population
 
-    def start(self, state, supernet, world):
+    def start(self, state, supernet, world, fitness_set=None):
         """Open the folder: on --resume, the records scored so far; else an earlier search's results
-        removed. Returns (the records, memo: subnet -> top-1 of every one scored)."""
+        removed. `fitness_set`: an official checkpoint's fitness images, written to fitness.json; a
+        resumed search must have the same. Returns (the records, memo: subnet -> top-1 of every one
+        scored)."""
         records = read_jsonl(self.log_path) if self.cfg.resume else []
+        if fitness_set and self.cfg.resume:
+            check_fitness_set(self.out / "fitness.json", fitness_set)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.cfg.resume:  # rewritten without the line a kill may have torn
@@ -357,6 +417,8 @@ class SearchFiles:
                     (self.out / name).unlink(missing_ok=True)
                 write_atomic(self.log_path, "")
                 self.save_state(0)
+            if fitness_set:
+                write_atomic(self.out / "fitness.json", json.dumps(fitness_set, indent=1))
         self.latency = latency_check(supernet, self.cfg, self.out / "latency.jsonl", self.rank, world)
         self.start_time, self.scored_before = time.time(), len(records)
         return records, {Subnet(**r["subnet"]): r["top1"] for r in records}
@@ -398,6 +460,17 @@ class SearchFiles:
         return text
 
 
+def check_fitness_set(path, fitness_set):
+    """A resumed search must rank on the images it began with: the files its fitness.json lists."""
+    recorded = json.loads(path.read_text())["files"] if path.is_file() else fitness_set["files"]
+    if recorded != fitness_set["files"]:
+        i = next((i for i, (a, b) in enumerate(zip(recorded, fitness_set["files"])) if a != b),
+                 min(len(recorded), len(fitness_set["files"])))
+        raise ValueError(f"{path}: the search ranked on other images than those of {fitness_set['folder']} now "
+                         f"(fitness image {i}: {recorded[i:i + 1]} then, {fitness_set['files'][i:i + 1]} now): "
+                         "resume with the same folder, or start afresh without --resume")
+
+
 def search(cfg, typed=frozenset()):
     """Run the search `cfg` describes, write OUT; return the summary (rank 0) or None. `typed`: the
     flags given on the command line; with --resume, those outside RUNTIME_FIELDS and --checkpoint
@@ -408,24 +481,25 @@ def search(cfg, typed=frozenset()):
     if cfg.mutations + cfg.crossovers > cfg.population or not 0 < cfg.parents <= cfg.population:
         raise ValueError("need --mutations + --crossovers <= --population and 0 < --parents <= --population")
     checkpoint = load_checkpoint(cfg.checkpoint, supernet=True)
-    space = space_of(checkpoint, cfg.checkpoint)
+    refuse_official_flags(checkpoint, cfg.checkpoint, {"--space": cfg.space, "--fitness-data": cfg.fitness_data,
+                          "--fitness-per-class": cfg.fitness_per_class != DEFAULT_PER_CLASS})
+    space = checkpoint_space(checkpoint, cfg.checkpoint, cfg.space)
     files = SearchFiles(cfg, out, check_fingerprint(cfg, state, out), space, windows(space, cfg), rank)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    supernet, scorer = load_scorer(checkpoint, space, cfg, device)
-    images, labels = load_split(checkpoint, cfg.checkpoint, "minival", cfg.data)
-    images, labels = images.to(device, next(scorer.parameters()).dtype), labels.to(device)
+    supernet, scorer = load_scorer(checkpoint, cfg, device)
+    split, described, fitness_set = load_fitness_set(checkpoint, space, cfg, device, next(scorer.parameters()).dtype)
 
-    records, memo = files.start(state, supernet, world)
+    records, memo = files.start(state, supernet, world, fitness_set)
     if cfg.latency_ms and files.latency(space.smallest()) > cfg.latency_ms:
         raise ValueError(f"--latency-ms {cfg.latency_ms:g}: even the smallest subnet takes "
                          f"{files.latency(space.smallest()):.2f} ms at batch {cfg.latency_batch} on this machine, "
                          "so no candidate meets it")
     if rank == 0:
-        print(f"{cfg.algorithm} search of {cfg.checkpoint}: {len(labels)} held-out images, {cfg.dtype}, "
+        print(f"{cfg.algorithm} search of {cfg.checkpoint}: {described}, {cfg.dtype}, "
               f"{world} process(es), {files.window_text()}", flush=True)
     done = state.get("generations_done", 0)
     history = [dict(r, subnet=Subnet(**r["subnet"])) for r in records if r["generation"] < done]
-    fitness = supernet_fitness(scorer, images, labels, cfg, memo, files.on_score, rank, world)
+    fitness = supernet_fitness(scorer, split, cfg, memo, files.on_score, rank, world)
     records = run_search(space, fitness, files.admissible, cfg, history, files.log)
     return report(files, records, supernet, checkpoint, device) if rank == 0 else None
 
@@ -438,9 +512,7 @@ def report(files, records, supernet, checkpoint, device):
     front = pareto(rows)
     best = front[-1]  # the highest top-1; among ties the fewest parameters, then the earliest found
     subnet = Subnet(**best["subnet"])
-    val_images, val_labels = load_split(checkpoint, cfg.checkpoint, "val", cfg.data)
-    val = evaluate(supernet, (val_images.to(device), val_labels.to(device)), subnet, None, cfg.batch_size)
-    best["val_top1"] = val["top1"]
+    best["val_top1"] = val_top1(supernet, subnet, checkpoint, cfg, device)
     write_atomic(out / "best.json", subnet.to_json() + "\n")
     write_atomic(out / "pareto.json", json.dumps(front, indent=1))
     extremes = (count_params(space, space.smallest()), count_params(space, space.largest()))
@@ -453,10 +525,23 @@ def report(files, records, supernet, checkpoint, device):
           f"params, {mega(best['flops'])} MACs, embed dim {subnet.embed_dim}, depth {subnet.depth}")
     print(f"results in {out}: candidates.jsonl, best.json, pareto.json ({len(front)} on the front), search.png, "
           "state.json")
-    print(f"evaluate: python autoformer.py evaluate --checkpoint {cfg.checkpoint} --subnet {out / 'best.json'}")
-    print(f"export:   python autoformer.py export --checkpoint {cfg.checkpoint} --subnet {out / 'best.json'} "
-          f"--out {out / 'model.pt'}")
+    space_flag = f" --space {cfg.space}" if is_official(checkpoint) else ""
+    data_flag = f" --data {cfg.data}" if is_official(checkpoint) else ""
+    print(f"evaluate: python autoformer.py evaluate --checkpoint {cfg.checkpoint}{space_flag}{data_flag} "
+          f"--subnet {out / 'best.json'}")
+    print(f"export:   python autoformer.py export --checkpoint {cfg.checkpoint}{space_flag} "
+          f"--subnet {out / 'best.json'} --out {out / 'model.pt'}")
     return summary
+
+
+def val_top1(supernet, subnet, checkpoint, cfg, device):
+    """The winner's val top-1 in fp32: the data set's val split that the checkpoint records, decoded at
+    once; for an official checkpoint, ImageNet's, streamed from DATA/val."""
+    if is_official(checkpoint):
+        val = val_batches(checkpoint, cfg.checkpoint, supernet.space, cfg.data, cfg.batch_size, cfg.workers, device)
+        return evaluate(supernet, val, subnet)["top1"]
+    val_images, val_labels = load_split(checkpoint, cfg.checkpoint, "val", cfg.data)
+    return evaluate(supernet, (val_images.to(device), val_labels.to(device)), subnet, None, cfg.batch_size)["top1"]
 
 
 def parse_args(argv):

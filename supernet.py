@@ -333,21 +333,23 @@ class CheckpointError(ValueError):
     pass
 
 
-def load_weights(model, state_dict, source):
-    """model.load_state_dict(state_dict), with an error naming `source` and the first key or shape
-    that differs instead of load_state_dict's list of every one."""
+def load_weights(model, state_dict, source, hint="weights of another space or subnet?"):
+    """model.load_state_dict(state_dict), with an error naming `source`, the first key or shape that
+    differs, in the model's order, and `hint`, instead of load_state_dict's list of every one."""
     own, kind = model.state_dict(), type(model).__name__
-    missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
-    if missing or extra:
-        raise CheckpointError(f"{source}: the weights do not fit this {kind}: missing keys "
-                              f"{missing[:5]}, unexpected keys {extra[:5]}")
     for key, value in own.items():
+        if key not in state_dict:
+            raise CheckpointError(f"{source}: the weights do not fit this {kind}: they lack {key}, of shape "
+                                  f"{tuple(value.shape)}: {hint}")
         if state_dict[key].shape != value.shape:
             raise CheckpointError(f"{source}: {key} has shape {tuple(state_dict[key].shape)}, this {kind} "
-                                  f"needs {tuple(value.shape)}: weights of another space or subnet?")
+                                  f"needs {tuple(value.shape)}: {hint}")
+    extra = [key for key in state_dict if key not in own]
+    if extra:
+        raise CheckpointError(f"{source}: the weights do not fit this {kind}: {extra[0]} is not one of its weights "
+                              f"({len(extra)} such keys): {hint}")
     model.load_state_dict(state_dict)
     return model
-
 
 
 def load_checkpoint(path, mmap=False, supernet=False):

@@ -14,6 +14,8 @@ every batch, the smaller ones distilled from the largest's predictions (BigNAS, 
   torchrun --nproc_per_node=8 train.py --data ~/imagenet --space tiny --epochs 500 --batch-size 128 \\
       --lr 5e-4 --warmup-epochs 5 --drop-path 0.1 --mixup 0.8 --cutmix 1.0 --workers 8 --out out/tiny
   python train.py --subnet sub.json --inherit out/ckpt.pt --out out/subnet   # one subnet as a standalone AutoFormer
+  torchrun --nproc_per_node=8 train.py --subnet autoformer-t --inherit supernet-tiny.pth --space tiny \\
+      --data ~/imagenet --epochs 40 --workers 8 --out out/autoformer-t   # fine-tune a released model (40 epochs)
 
 Writes OUT/ckpt.pt (every epoch and every --ckpt-every steps, atomically) and OUT/curves.png.
 """
@@ -33,9 +35,9 @@ import torch.distributed as dist
 import data
 import plot
 from autoformer import AutoFormer, evaluate, extract
-from cli import check_trained_on, dataset_record, parse_config, read_subnet, refuse_changed_settings, write_atomic
-from supernet import (SPACES, CheckpointError, SearchSpace, Subnet, Supernet, load_checkpoint, load_weights,
-                      space_of)
+from cli import (check_trained_on, clock, dataset_record, open_supernet, parse_config, read_subnet,
+                 refuse_changed_settings, write_atomic)
+from supernet import SPACES, CheckpointError, SearchSpace, Subnet, Supernet, load_checkpoint, space_of
 
 
 @dataclass
@@ -44,7 +46,8 @@ class TrainConfig:
     on 2 CPU cores, hence a high learning rate, no drop path and no mixing; the ImageNet recipe
     (DeiT's, as AutoFormer's) is the torchrun command above."""
     data: str = field(default="", metadata={"help": "image folder or CIFAR; empty: the built-in set, data/synthetic"})
-    space: str = field(default="cpu", metadata={"help": f"search space: {', '.join(SPACES)}"})
+    space: str = field(default="cpu", metadata={"help": f"search space: {', '.join(SPACES)}; for an official "
+                                                         "--init or --inherit file, the one it was trained in"})
     out: str = field(default="out", metadata={"help": "folder for ckpt.pt and curves.png"})
     epochs: int = field(default=20, metadata={"help": "passes over the training split"})
     batch_size: int = field(default=64, metadata={"help": "images per step and per process"})
@@ -68,8 +71,10 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps; the schedule spans --epochs"})
     resume: bool = field(default=False, metadata={"help": "continue OUT/ckpt.pt with its recorded config"})
     init: str = field(default="", metadata={"help": "start from this supernet checkpoint (ours or official)"})
-    subnet: str = field(default="", metadata={"help": "train this subnet (JSON file) as a standalone AutoFormer"})
-    inherit: str = field(default="", metadata={"help": "with --subnet: start from its weights in this supernet"})
+    subnet: str = field(default="", metadata={"help": "train this subnet (autoformer-t/s/b or a JSON file) as a "
+                                                      "standalone AutoFormer"})
+    inherit: str = field(default="", metadata={"help": "with --subnet: start from its weights in this supernet "
+                                                       "(ours or official)"})
 
 
 RUNTIME_FIELDS = ("out", "resume", "max_steps", "workers", "log_every", "ckpt_every")  # --resume keeps these
@@ -197,9 +202,9 @@ def build_model(cfg, state, num_classes):
     if state is not None:
         source = Path(cfg.out) / "ckpt.pt"
         space = space_of(state, source)
-    elif source:  # ours record their space; official files get the one --space names
-        given = load_checkpoint(source, supernet=True)
-        space = space_of(given, source, None if "space" in given else SPACES[cfg.space])
+    elif source:  # ours record their space; an official file is read in the one --space names
+        given = open_supernet(load_checkpoint(source, supernet=True), source, cfg.space, cfg.drop_path)
+        space = given.space
     if space.num_classes != num_classes:
         raise ValueError(f"{source or cfg.out}: the model has {space.num_classes} classes, the data {num_classes}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank: nothing is broadcast
@@ -214,15 +219,10 @@ def build_model(cfg, state, num_classes):
                 space.validate(subnet)
             except ValueError as e:
                 raise ValueError(f"--subnet {cfg.subnet}: {e}") from None
-        if given is not None:
-            model = extract(load_weights(Supernet(space), given["model"], source), subnet)
-        else:
-            model = AutoFormer(space, subnet)
+        model = extract(given, subnet) if given is not None else AutoFormer(space, subnet)
         fixed = {"subnet": subnet}
     else:
-        model = Supernet(space, cfg.drop_path)
-        if given is not None:
-            load_weights(model, given["model"], source)
+        model = given if given is not None else Supernet(space, cfg.drop_path)
         fixed = fixed_subnets(space)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -249,10 +249,6 @@ def accuracies(model, fixed, split, dtype, world):
             dist.all_reduce(counts)
         top1[name] = 100 * counts[0].item() / max(counts[1].item(), 1)
     return top1
-
-
-def clock(seconds):
-    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
 # ----------------------------------------------------------------------------- before the first step

@@ -282,7 +282,7 @@ def test_transform_shape_dtype_and_reproducibility(crop):
 def test_centre_crop_and_normalisation_values():
     image = torch.zeros(3, 8, 8, dtype=torch.uint8)
     image[:, 2:6, 2:6] = 255
-    out = data.Transform(4, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), crop_fraction=0.5)(image)
+    out = data.Transform(4, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), resize=8)(image)
     assert torch.allclose(out, torch.ones(3, 4, 4))  # keeps the bright centre; (1 - 0.5) / 0.5
     same_size = data.Transform(8, ((0.0,) * 3, (1.0,) * 3))(image)
     assert torch.allclose(same_size * 255, image.float())  # 32 px eval of 32 px images: no-op

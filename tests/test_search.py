@@ -121,7 +121,7 @@ def test_scoring_threads_end_with_their_round():
     """Left alive between rounds, idle, they slowed the latency measured there 2.5-fold."""
     memo, scored = {}, []
     images, labels = torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
-    fitness = search.supernet_fitness(Supernet(TINY).eval(), images, labels, config(batch_size=4), memo,
+    fitness = search.supernet_fitness(Supernet(TINY).eval(), (images, labels), config(batch_size=4), memo,
                                       lambda *row: scored.append(row), rank=0, world=1)
     threads = threading.active_count()
     assert len(fitness([TINY.smallest(), TINY.largest()], 0)) == 2 and len(scored) == len(memo) == 2

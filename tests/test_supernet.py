@@ -302,7 +302,7 @@ def test_exported_model_loads_and_damaged_ones_are_named(tmp_path):
     del saved["model"]["head.bias"]
     torch.save(saved, path)
     with pytest.raises(CheckpointError,
-                       match=r"model.pt: the weights do not fit this AutoFormer: missing keys \['head.bias'\]"):
+                       match=r"model.pt: the weights do not fit this AutoFormer: they lack head.bias, of shape \(7,\)"):
         load_exported(path)
     saved["subnet"]["num_heads"] = 3
     torch.save(saved, path)
