@@ -14,6 +14,10 @@ Sections (pick with --only, comma separated):
   loader  the evaluation loader of image folders (the released models' protocol: data.evaluation_transform)
           on a folder of 224 px JPEGs written to a temporary folder, in images/s per number of workers
   registers  registers / spills / shared memory of every Triton launch at sm_80 and sm_90 (aot.py)
+  ranking how well n held-out images rank subnets, on a trained checkpoint (--checkpoint): 40 subnets
+          of search.py's default window and 30 of the whole space, each scored once per val image;
+          the mean Spearman correlation between the rankings that two disjoint sets of n images give,
+          over 20 random pairs of sets (not in "all": it needs a trained supernet)
 
 Every variant, and the official model, runs the same sequence of subnets on the same batch, each
 implementation in a process of its own. The Triton kernels' speed on a CUDA device: bench_cuda.py.
@@ -57,8 +61,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import aot
 import data
 import launch
-from cli import config_parser, write_atomic
-from supernet import SPACES, SearchSpace, Subnet, Supernet, count_flops
+import search
+from cli import config_parser, load_split, write_atomic
+from supernet import SPACES, SearchSpace, Subnet, Supernet, count_flops, count_params, load_checkpoint, load_supernet
 
 SPACE_NAMES = ("tiny", "small", "base")
 
@@ -79,8 +84,10 @@ class BenchConfig:
     official: str = field(default="", metadata={"help": "the official AutoFormer folder (see above); "
                                                          "empty: project only"})
     out: str = field(default="out/bench.json", metadata={"help": "JSON results, written atomically"})
-    only: str = field(default="", metadata={"help": "comma-separated sections to run; empty: all, in the order above"})
+    only: str = field(default="", metadata={"help": "comma-separated sections to run; empty: all but ranking, "
+                                                    "in the order above"})
     loader_images: int = field(default=640, metadata={"help": "JPEGs of the loader section, 224 px"})
+    checkpoint: str = field(default="out/ckpt.pt", metadata={"help": "the trained supernet of the ranking section"})
 
 
 @dataclass(frozen=True)
@@ -467,8 +474,61 @@ def section_loader(cfg, impls, results):
     return rows
 
 
+def spearman(a, b):
+    """Spearman's rank correlation of two 1-D arrays, ties given their mean rank."""
+    def ranks(x):
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for value in np.unique(x):  # ties: the mean of their ranks
+            r[x == value] = r[x == value].mean()
+        return r
+    ra, rb = ranks(np.asarray(a)), ranks(np.asarray(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def val_hits(supernet, subnet, images, labels, batch=500):
+    """(images,): 1.0 where `subnet` classifies the image right, else 0.0."""
+    return torch.cat([supernet(x, subnet).argmax(-1) == y for x, y in zip(images.split(batch), labels.split(batch))]
+                     ).float()
+
+
+def section_ranking(cfg, impls, results):
+    """How well n images rank subnets: each subnet's hits on every val image of the checkpoint's data
+    set (images the supernet never trained on; scored in bf16, as search.py scores), then for each n
+    the mean Spearman between the top-1 rankings of 20 pairs of disjoint random n-image sets."""
+    checkpoint = load_checkpoint(cfg.checkpoint, supernet=True)
+    supernet = load_supernet(cfg.checkpoint).to(torch.bfloat16).eval()
+    space, rng = supernet.space, random.Random(cfg.seed)
+    images, labels = load_split(checkpoint, cfg.checkpoint, "val")
+    (lo, hi) = search.windows(space, search.SearchConfig())["params"][1]
+    groups = {"window": [], "space": []}
+    while len(groups["window"]) < 40 or len(groups["space"]) < 30:
+        subnet = space.sample(rng)
+        inside = lo <= count_params(space, subnet) <= hi
+        for name, wanted, ok in (("window", 40, inside), ("space", 30, True)):
+            if ok and len(groups[name]) < wanted and subnet not in groups[name]:
+                groups[name].append(subnet)
+    rows, results["ranking"], generator = [], {}, torch.Generator().manual_seed(cfg.seed)
+    images = images.to(torch.bfloat16)
+    with torch.inference_mode():
+        for name, subnets in groups.items():
+            hits = torch.stack([val_hits(supernet, s, images, labels) for s in subnets])  # (subnets, images)
+            top1 = 100 * hits.mean(1)
+            results["ranking"][name] = {"subnets": len(subnets), "top1_range": [top1.min().item(), top1.max().item()]}
+            for n in (250, 500, 1000):
+                pairs = [torch.randperm(len(labels), generator=generator)[:2 * n] for _ in range(20)]
+                rho = statistics.mean(spearman(hits[:, p[:n]].mean(1).numpy(), hits[:, p[n:]].mean(1).numpy())
+                                      for p in pairs)
+                results["ranking"][name][f"spearman_n{n}"] = rho
+                rows.append((f"ranking, {len(subnets)} subnets of the {name}, n = {n} (Spearman)", rho, None, None))
+            print(f"  {name}: {len(subnets)} subnets, val top-1 {top1.min():.1f} to {top1.max():.1f} %", flush=True)
+    return rows
+
+
 SECTION_FNS = {"matmul": section_matmul, "train": section_train, "split": section_split, "memory": section_memory,
-               "data": section_data, "loader": section_loader, "registers": section_registers}
+               "data": section_data, "loader": section_loader, "registers": section_registers,
+               "ranking": section_ranking}
 
 
 def print_table(rows):
@@ -505,7 +565,7 @@ def main():
         return child_main(json.loads(child))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    sections = [s for s in cfg.only.split(",") if s] or list(SECTION_FNS)
+    sections = [s for s in cfg.only.split(",") if s] or [s for s in SECTION_FNS if s != "ranking"]
     if not set(sections) <= set(SECTION_FNS):
         sys.exit(f"--only takes a comma-separated subset of {','.join(SECTION_FNS)}, got {cfg.only!r}")
     impls = make_impls(cfg)

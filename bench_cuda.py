@@ -146,19 +146,34 @@ def op_work(op, batch, embed_dim, hidden, num_heads, head_dim, num_tokens, max_r
     return flops[op], "TFLOP/s"
 
 
+def op_runner(op, activations, params, dtype, backward):
+    """(run, leaves): run() calls op under autocast, as in training (activations in `dtype`,
+    parameters fp32), and with `backward` its backward from upstream gradients that are the same
+    random values in every call, into the leaves' .grad. Leaves and upstream gradients are made
+    once, outside run(), so that cuda_ms(run) times the op alone. run() returns the outputs."""
+    leaves = [t.detach().clone().requires_grad_(backward) for t in activations + params]
+    upstream = []
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        with torch.set_grad_enabled(backward), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            outs = op(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        if backward:
+            if not upstream:
+                generator = torch.Generator("cuda").manual_seed(0)
+                upstream.extend(torch.randn(o.shape, device="cuda", generator=generator).to(dtype).to(o.dtype)
+                                for o in outs)
+            torch.autograd.backward(outs, upstream)
+        return outs
+    return run, leaves
+
+
 def call(op, activations, params, dtype, backward):
-    """op under autocast, as in training (activations in `dtype`, parameters fp32); with `backward`,
-    its backward too, from upstream gradients that are the same random values in every call.
-    Returns the outputs and the inputs' gradients."""
-    leaves = [t.detach().clone().requires_grad_() for t in activations + params]
-    with torch.set_grad_enabled(backward), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        outs = op(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    if backward:
-        generator = torch.Generator("cuda").manual_seed(0)
-        torch.autograd.backward(outs, [torch.randn(o.shape, device="cuda", generator=generator).to(dtype).to(o.dtype)
-                                       for o in outs])
-    return [o.detach() for o in outs], [t.grad for t in leaves]
+    """One run of op_runner: the outputs and the inputs' gradients."""
+    run, leaves = op_runner(op, activations, params, dtype, backward)
+    return [o.detach() for o in run()], [t.grad for t in leaves]
 
 
 def op_errors(triton_op, torch_op, activations, params, dtype):
@@ -202,7 +217,7 @@ def stage_ops(folder, args):
                 low = [a.to(dtype) for a in activations]
                 for mode, factor in (("fwd", 1), ("fwd+bwd", 3 if unit == "TFLOP/s" else 2.5)):
                     for impl, fn in (("triton", triton_op), ("torch", torch_op)):
-                        ms = cuda_ms(lambda: call(fn, low, params, dtype, mode == "fwd+bwd"))
+                        ms = cuda_ms(op_runner(fn, low, params, dtype, mode == "fwd+bwd")[0])
                         rate = factor * work / ms / (1e9 if unit == "TFLOP/s" else 1e6)
                         row[f"{mode} {impl} ms"] = ms
                         row[f"{mode} {impl} of peak"] = rate / (tflops_peak if unit == "TFLOP/s" else gbs_peak)

@@ -150,6 +150,7 @@ def spaces_of_shapes(state_dict):
         return [name for name, space in SPACES.items()
                 if {key: tuple(value.shape) for key, value in Supernet(space).state_dict().items()} == shapes]
 
+
 # ----------------------------------------------------------------------------- data sets
 
 

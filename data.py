@@ -396,9 +396,9 @@ def normalise_batches(batches, mean_std, device=None, dtype=torch.float32):
 
 
 def evaluation_transform(kind, size, normalised=True):
-    """The evaluation transform of a data set kind: image folders (ImageNet) as DeiT and the released
-    AutoFormers, the shorter side to int(256 / 224 * size), then the central size x size; 32 px sets
-    (the built-in one, CIFAR) as they are. normalised=False: the uint8 crop (see Crops)."""
+    """The evaluation transform of a data set kind: image folders, whatever their size, as DeiT and the
+    released AutoFormers (ImageNet): the shorter side to int(256 / 224 * size), then the central
+    size x size; CIFAR and the built-in set as they are. normalised=False: the uint8 crop (see Crops)."""
     resize = int(256 / 224 * size) if kind == "folder" else size
     return Transform(size, NORMALISATION[kind] if normalised else None, resize=resize)
 

@@ -415,10 +415,10 @@ class SearchFiles:
                 # this search's candidates. The latency cache stays.
                 for name in STALE_RESULTS:
                     (self.out / name).unlink(missing_ok=True)
+                if fitness_set:  # before the state: a search that can be resumed has its fitness set
+                    write_atomic(self.out / "fitness.json", json.dumps(fitness_set, indent=1))
                 write_atomic(self.log_path, "")
                 self.save_state(0)
-            if fitness_set:
-                write_atomic(self.out / "fitness.json", json.dumps(fitness_set, indent=1))
         self.latency = latency_check(supernet, self.cfg, self.out / "latency.jsonl", self.rank, world)
         self.start_time, self.scored_before = time.time(), len(records)
         return records, {Subnet(**r["subnet"]): r["top1"] for r in records}
@@ -462,7 +462,10 @@ class SearchFiles:
 
 def check_fitness_set(path, fitness_set):
     """A resumed search must rank on the images it began with: the files its fitness.json lists."""
-    recorded = json.loads(path.read_text())["files"] if path.is_file() else fitness_set["files"]
+    if not path.is_file():
+        raise ValueError(f"{path}: missing, so the images this search ranked on are unknown: start afresh "
+                         "without --resume")
+    recorded = json.loads(path.read_text())["files"]
     if recorded != fitness_set["files"]:
         i = next((i for i, (a, b) in enumerate(zip(recorded, fitness_set["files"])) if a != b),
                  min(len(recorded), len(fitness_set["files"])))
@@ -481,8 +484,9 @@ def search(cfg, typed=frozenset()):
     if cfg.mutations + cfg.crossovers > cfg.population or not 0 < cfg.parents <= cfg.population:
         raise ValueError("need --mutations + --crossovers <= --population and 0 < --parents <= --population")
     checkpoint = load_checkpoint(cfg.checkpoint, supernet=True)
+    per_class = "fitness_per_class" in typed or cfg.fitness_per_class != DEFAULT_PER_CLASS
     refuse_official_flags(checkpoint, cfg.checkpoint, {"--space": cfg.space, "--fitness-data": cfg.fitness_data,
-                          "--fitness-per-class": cfg.fitness_per_class != DEFAULT_PER_CLASS})
+                                                       "--fitness-per-class": per_class})
     space = checkpoint_space(checkpoint, cfg.checkpoint, cfg.space)
     files = SearchFiles(cfg, out, check_fingerprint(cfg, state, out), space, windows(space, cfg), rank)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")

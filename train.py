@@ -279,7 +279,7 @@ def refuse_overwriting_other_kind(ckpt_path, subnet_run):
 
 
 def check_config(cfg, device, ckpt_path):
-    """Refuse flags that cannot work together, before anything is read or written."""
+    """Refuse flags that cannot work together, before the data set is read or anything written."""
     out = ckpt_path.parent
     if cfg.space not in SPACES:
         raise ValueError(f"--space {cfg.space}: choose one of {', '.join(SPACES)}")

@@ -6,12 +6,8 @@ tiny, small and base spaces at batch 32; fp32 / bf16 / fp16 activations with fp3
 kernel output poisoned with NaN before the launch, so that an element a kernel forgets to write
 fails the test. In bf16 and fp16 every output and gradient also meets launch.py's accuracy rule:
 at most twice the error of PyTorch's own reference run in that dtype. Then the whole supernet with
-AUTOFORMER_BACKEND=triton against torch, and 20 training steps.
-
-The rule holds in the interpreter as it is because launch.py makes the interpreter round fp32 to
-bf16 to nearest even, as the GPU does. Left to truncate, the interpreter alone puts the kernels'
-error at up to 4.2x PyTorch's per op and 3.0x over the supernet (Triton 3.9), where with the GPU's
-rounding they stay within 1.5x; fp16, which the interpreter rounds correctly, within 1.3x."""
+AUTOFORMER_BACKEND=triton against torch, and 20 training steps. The rule holds under the
+interpreter as on a GPU, since launch.py makes the interpreter's arithmetic the GPU's."""
 import dataclasses
 import random
 

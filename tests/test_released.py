@@ -69,7 +69,7 @@ def literal(path, size=224):
     crop = np.asarray(image.crop((left, top, left + size, top + size)))  # (size, size, 3)
     pixels = crop.astype(np.float32) / 255
     normalised = (pixels - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return torch.from_numpy(crop.copy()).permute(2, 0, 1), torch.from_numpy(normalised).permute(2, 0, 1)
+    return torch.from_numpy(crop.copy()).permute(2, 0, 1), torch.from_numpy(normalised).permute(2, 0, 1)  # (3, S, S)
 
 
 def files_of(folder):

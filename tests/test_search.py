@@ -118,7 +118,7 @@ def test_evolution_beats_random_search_at_equal_budget():
 
 
 def test_scoring_threads_end_with_their_round():
-    """Left alive between rounds, idle, they slowed the latency measured there 2.5-fold."""
+    """Latency is measured between rounds, and idle threads left alive would slow it down."""
     memo, scored = {}, []
     images, labels = torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
     fitness = search.supernet_fitness(Supernet(TINY).eval(), (images, labels), config(batch_size=4), memo,
