@@ -207,7 +207,7 @@ def build_model(cfg, state, num_classes):
         space = given.space
     if space.num_classes != num_classes:
         raise ValueError(f"{source or cfg.out}: the model has {space.num_classes} classes, the data {num_classes}")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank: nothing is broadcast
+    torch.manual_seed(cfg.seed)  # fresh weights are the same on every rank: nothing is broadcast
     if cfg.subnet:
         if state is not None:
             if not isinstance(state.get("subnet"), dict):
