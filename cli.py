@@ -206,6 +206,7 @@ def load_split(checkpoint, path, split, root=None):
     images, labels = zip(*getattr(loaders, split))
     return torch.cat(images), torch.cat(labels)
 
+
 # ----------------------------------------------------------------------------- evaluation data
 
 
@@ -234,6 +235,7 @@ def val_batches(checkpoint, path, space, root, batch_size, workers, device):
         dataset = recorded_dataset(checkpoint, path, root)
         images, kind = dataset.val, dataset.kind
     crop = data.evaluation_transform(kind, space.img_size, normalised=False)
+    workers = workers if images.pixels is None else 0  # decoded already: a worker's start costs more than the crop
     loader = data.make_loader(images, None, crop, batch_size, workers)
     return data.normalise_batches(progress(loader, len(images), "val"), data.NORMALISATION[kind], device)
 

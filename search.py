@@ -539,13 +539,10 @@ def report(files, records, supernet, checkpoint, device):
 
 
 def val_top1(supernet, subnet, checkpoint, cfg, device):
-    """The winner's val top-1 in fp32: the data set's val split that the checkpoint records, decoded at
-    once; for an official checkpoint, ImageNet's, streamed from DATA/val."""
-    if is_official(checkpoint):
-        val = val_batches(checkpoint, cfg.checkpoint, supernet.space, cfg.data, cfg.batch_size, cfg.workers, device)
-        return evaluate(supernet, val, subnet)["top1"]
-    val_images, val_labels = load_split(checkpoint, cfg.checkpoint, "val", cfg.data)
-    return evaluate(supernet, (val_images.to(device), val_labels.to(device)), subnet, None, cfg.batch_size)["top1"]
+    """The winner's top-1 in fp32 on the val split: the recorded data set's, or ImageNet's under
+    DATA/val for an official checkpoint, streamed."""
+    val = val_batches(checkpoint, cfg.checkpoint, supernet.space, cfg.data, cfg.batch_size, cfg.workers, device)
+    return evaluate(supernet, val, subnet)["top1"]
 
 
 def parse_args(argv):
