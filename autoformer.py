@@ -1,8 +1,8 @@
 """One AutoFormer as a plain model: a dense vision transformer with exactly one subnet's sizes.
 
-`extract(supernet, subnet)` copies the subnet's slices out of the supernet into an `AutoFormer`
-made of ordinary nn.Linear / nn.LayerNorm layers, with the qkv rows regrouped into the usual
-[q; k; v] order. Its logits equal the supernet's for that subnet.
+`extract(supernet, subnet)` copies the subnet's slices out of the supernet, of either weight
+sharing, into an `AutoFormer` made of ordinary nn.Linear / nn.LayerNorm layers, with the qkv rows
+regrouped into the usual [q; k; v] order. Its logits equal the supernet's for that subnet.
 
 The command line is the entry point for one searched model (NAME: autoformer-t/s/b or a JSON file):
     python autoformer.py info                                     # the paper's three models
@@ -85,34 +85,37 @@ class AutoFormer(nn.Module):
 
 @torch.no_grad()
 def extract(supernet, subnet):
-    """Copy the weights `subnet` uses out of `supernet` into a new AutoFormer."""
-    space = supernet.space
+    """Copy the weights `subnet` uses out of `supernet`, of either sharing, into a new AutoFormer:
+    the leading block of each tensor that the supernet's `weights` gives for the subnet's choices
+    (of a classical supernet's own tensors, the whole)."""
+    space, E, D = supernet.space, subnet.embed_dim, supernet.space.head_dim
+    patch_embed, cls_token, pos_embed, norm, head = supernet.weights(E)
     with torch.device("meta"):  # every tensor is copied in below: no initialisation to pay for
         model = AutoFormer(space, subnet)
-    model = model.to_empty(device=supernet.pos_embed.device).to(supernet.pos_embed.dtype)
-    E, D = subnet.embed_dim, space.head_dim
+    model = model.to_empty(device=pos_embed.device).to(pos_embed.dtype)
 
     def take(dst, src, *sizes):  # dst <- the leading block of src
         dst.copy_(src[tuple(slice(0, n) for n in sizes)])
 
-    take(model.patch_embed.weight, supernet.patch_embed_super.proj.weight, E)
-    take(model.patch_embed.bias, supernet.patch_embed_super.proj.bias, E)
-    take(model.cls_token, supernet.cls_token, 1, 1, E)
-    take(model.pos_embed, supernet.pos_embed, 1, space.num_patches + 1, E)
-    for block, sup, heads in zip(model.blocks, supernet.blocks, subnet.num_heads):
+    take(model.patch_embed.weight, patch_embed.proj.weight, E)
+    take(model.patch_embed.bias, patch_embed.proj.bias, E)
+    take(model.cls_token, cls_token, 1, 1, E)
+    take(model.pos_embed, pos_embed, 1, space.num_patches + 1, E)
+    for block, sup, heads, ratio in zip(model.blocks, supernet.blocks, subnet.num_heads, subnet.mlp_ratios):
+        (attn_norm, attn), (ffn_norm, fc1, fc2) = sup.weights(E, heads, ratio)
         d = heads * D
-        # Interleaved super rows 3j+t become row t*d + j; the bias was contiguous all along.
-        rows = sup.attn.qkv.weight[: 3 * d, :E].view(d, 3, E).transpose(0, 1).reshape(3 * d, E)  # [q; k; v]
+        # Interleaved rows 3j+t become row t*d + j; the bias was contiguous all along.
+        rows = attn.qkv.weight[: 3 * d, :E].view(d, 3, E).transpose(0, 1).reshape(3 * d, E)  # [q; k; v]
         block.qkv.weight.copy_(rows)
-        take(block.qkv.bias, sup.attn.qkv.bias, 3 * d)
-        for mine, theirs in ((block.rel_pos_k, sup.attn.rel_pos_embed_k), (block.rel_pos_v, sup.attn.rel_pos_embed_v)):
+        take(block.qkv.bias, attn.qkv.bias, 3 * d)
+        for mine, theirs in ((block.rel_pos_k, attn.rel_pos_embed_k), (block.rel_pos_v, attn.rel_pos_embed_v)):
             take(mine.embeddings_table_v, theirs.embeddings_table_v, theirs.embeddings_table_v.shape[0], D)
             take(mine.embeddings_table_h, theirs.embeddings_table_h, theirs.embeddings_table_h.shape[0], D)
-        for mine, theirs in ((block.attn_norm, sup.attn_layer_norm), (block.ffn_norm, sup.ffn_layer_norm),
-                             (block.proj, sup.attn.proj), (block.fc1, sup.fc1), (block.fc2, sup.fc2)):
+        for mine, theirs in ((block.attn_norm, attn_norm), (block.ffn_norm, ffn_norm), (block.proj, attn.proj),
+                             (block.fc1, fc1), (block.fc2, fc2)):
             take(mine.weight, theirs.weight, *mine.weight.shape)
             take(mine.bias, theirs.bias, *mine.bias.shape)
-    for mine, theirs in ((model.norm, supernet.norm), (model.head, supernet.head)):
+    for mine, theirs in ((model.norm, norm), (model.head, head)):
         take(mine.weight, theirs.weight, *mine.weight.shape)
         take(mine.bias, theirs.bias, *mine.bias.shape)
     return model.train(supernet.training)
@@ -125,20 +128,22 @@ def evaluate(model, data, subnet=None, dtype=None, batch_size=1000):
     batches, one (images, labels) pair of tensors already decoded and normalised, or data.Crops,
     either of these cut here into `batch_size` chunks. search.py scores ~1000 subnets on the same
     held-out images: decoding them once and feeding large chunks is what makes that cheap. `dtype`
-    (torch.bfloat16 / float16) autocasts. Returns {"top1": %, "images": n} plus "top5": % when the
-    space has >= 100 classes.
+    (torch.bfloat16 / float16) autocasts. Returns {"top1": %, "loglik": the mean log-probability of
+    the right class, "images": n} plus "top5": % when the space has >= 100 classes.
     """
     if isinstance(model, Supernet) and subnet is None:
         raise ValueError("evaluate: a Supernet needs the subnet to run")
     if isinstance(model, AutoFormer) and subnet not in (None, model.subnet):
         raise ValueError("evaluate: this AutoFormer is one fixed subnet; pass subnet=None")
+    weight = next(model.parameters())
     if isinstance(data, Crops):  # uint8, normalised chunk by chunk into the model's dtype
-        data = data.batches(batch_size, model.pos_embed.dtype)
+        data = data.batches(batch_size, weight.dtype)
     elif isinstance(data, (tuple, list)) and torch.is_tensor(data[0]):  # one (images, labels) pair
         data = zip(data[0].split(batch_size), data[1].split(batch_size))
-    was_training, device = model.training, model.pos_embed.device
+    was_training, device = model.training, weight.device
     k = 5 if model.space.num_classes >= 100 else 1
     hits, n = torch.zeros(k, dtype=torch.long, device=device), 0
+    loglik = torch.zeros((), dtype=torch.float64, device=device)
     model.eval()
     for images, labels in data:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -146,9 +151,10 @@ def evaluate(model, data, subnet=None, dtype=None, batch_size=1000):
             logits = model(images, subnet) if subnet is not None else model(images)
         found = (logits.topk(k, dim=-1).indices == labels[:, None]).cumsum(-1).clamp(max=1)  # (B, k)
         hits += found.sum(0)  # hits[j]: labels within the top j+1; stays on the device, no sync
+        loglik += logits.float().log_softmax(-1).gather(1, labels[:, None]).sum()
         n += len(labels)
     model.train(was_training)
-    result = {"top1": 100.0 * hits[0].item() / max(n, 1), "images": n}
+    result = {"top1": 100.0 * hits[0].item() / max(n, 1), "loglik": loglik.item() / max(n, 1), "images": n}
     if k == 5:
         result["top5"] = 100.0 * hits[4].item() / max(n, 1)
     return result

@@ -9,15 +9,17 @@ Sections (pick with --only, comma separated):
           batch 8 and at 32 px / patch 4 batch 64, each in fp32 and under torch.autocast("cpu", dtype=torch.bfloat16)
   split   where the train section's step spends its time: every aten op timed, summed by kind
           (linear layers' products, relative-position products, attention's batched products, rest)
-  memory  peak memory of one fp32 training step of the largest tiny subnet at 224 px, batch 8
+  memory  peak memory of one fp32 training step of the largest tiny subnet at 224 px, batch 8, in the
+          entangled supernet and in the classical one (every choice its own weights)
   data    the built-in data set's loader in images/s, and training steps of the default cpu space
   loader  the evaluation loader of image folders (the released models' protocol: data.evaluation_transform)
           on a folder of 224 px JPEGs written to a temporary folder, in images/s per number of workers
   registers  registers / spills / shared memory of every Triton launch at sm_80 and sm_90 (aot.py)
   ranking how well n held-out images rank subnets, on a trained checkpoint (--checkpoint): 40 subnets
           of search.py's default window and 30 of the whole space, each scored once per val image;
-          the mean Spearman correlation between the rankings that two disjoint sets of n images give,
-          over 20 random pairs of sets (not in "all": it needs a trained supernet)
+          the mean Spearman correlation between the rankings (by top-1, and by mean log-likelihood of
+          the right class) that two disjoint sets of n images give, over 20 random pairs of sets (not
+          in "all": it needs a trained supernet)
 
 Every variant, and the official model, runs the same sequence of subnets on the same batch, each
 implementation in a process of its own. The Triton kernels' speed on a CUDA device: bench_cuda.py.
@@ -116,8 +118,11 @@ class Impl:
     forward: Callable[[torch.nn.Module, torch.Tensor, Subnet], torch.Tensor]
 
 
-def project_impl():
-    return Impl("project", lambda space: Supernet(space, drop_path=0.0), lambda model, x, subnet: model(x, subnet))
+def project_impl(sharing="entangled"):
+    """This repository's supernet: "project" (entangled), or "project-classical"."""
+    name = "project" if sharing == "entangled" else f"project-{sharing}"
+    return Impl(name, lambda space: Supernet(space, drop_path=0.0, sharing=sharing),
+                lambda model, x, subnet: model(x, subnet))
 
 
 def import_official(root):
@@ -156,6 +161,10 @@ def official_impl(root):
 
 def make_impls(cfg):
     return [project_impl()] + ([official_impl(cfg.official)] if cfg.official else [])
+
+
+def find_impl(cfg, name):
+    return next(i for i in make_impls(cfg) + [project_impl("classical")] if i.name == name)
 
 
 def case_space(case):
@@ -371,7 +380,7 @@ def child_main(job):
     cfg = BenchConfig(**job["cfg"])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    impl = next(i for i in make_impls(cfg) if i.name == job["impl"])
+    impl = find_impl(cfg, job["impl"])
     run = {"train": train_child, "split": split_child, "memory": memory_child}[job["run"]]
     run(cfg, TrainCase(**job["case"]), impl, reply)
 
@@ -398,12 +407,15 @@ def section_train(cfg, impls, results):
 
 
 def section_memory(cfg, impls, results):
-    r = results["memory"] = {i.name: peak_memory(cfg, i.name) for i in impls}
-    off = r.get("official")
+    """The step's peak and the memory before it, of each impl and of the classical supernet."""
+    r = results["memory"] = {i.name: peak_memory(cfg, i.name) for i in impls + [project_impl("classical")]}
+    off, classical = r.get("official"), r["project-classical"]
     return [(f"memory {MEMORY_CASE.name} largest: step peak (MiB)", r["project"]["step_peak_mib"],
              off and off["step_peak_mib"], ("<=", TARGETS["memory"])),
             (f"memory {MEMORY_CASE.name} largest: RSS before (MiB)", r["project"]["rss_before_mib"],
-             off and off["rss_before_mib"], None)]
+             off and off["rss_before_mib"], None),
+            (f"memory {MEMORY_CASE.name} classical: step peak (MiB)", classical["step_peak_mib"], None, None),
+            (f"memory {MEMORY_CASE.name} classical: RSS before (MiB)", classical["rss_before_mib"], None, None)]
 
 
 def section_split(cfg, impls, results):
@@ -487,16 +499,21 @@ def spearman(a, b):
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def val_hits(supernet, subnet, images, labels, batch=500):
-    """(images,): 1.0 where `subnet` classifies the image right, else 0.0."""
-    return torch.cat([supernet(x, subnet).argmax(-1) == y for x, y in zip(images.split(batch), labels.split(batch))]
-                     ).float()
+def val_scores(supernet, subnet, images, labels, batch=500):
+    """(2, images): 1.0 where `subnet` classifies the image right, else 0.0; and the log-probability
+    it gives the right class."""
+    scores = []
+    for x, y in zip(images.split(batch), labels.split(batch)):
+        logp = supernet(x, subnet).float().log_softmax(-1)  # (B, classes)
+        scores.append(torch.stack([(logp.argmax(-1) == y).float(), logp.gather(1, y[:, None])[:, 0]]))
+    return torch.cat(scores, 1)
 
 
 def section_ranking(cfg, impls, results):
-    """How well n images rank subnets: each subnet's hits on every val image of the checkpoint's data
-    set (images the supernet never trained on; scored in bf16, as search.py scores), then for each n
-    the mean Spearman between the top-1 rankings of 20 pairs of disjoint random n-image sets."""
+    """How well n images rank subnets: each subnet's hits and log-likelihoods on every val image of the
+    checkpoint's data set (images the supernet never trained on; scored in bf16, as search.py scores),
+    then for each n the mean Spearman between the rankings, by top-1 and by mean log-likelihood, of
+    20 pairs of disjoint random n-image sets."""
     checkpoint = load_checkpoint(cfg.checkpoint, supernet=True)
     supernet = load_supernet(cfg.checkpoint).to(torch.bfloat16).eval()
     space, rng = supernet.space, random.Random(cfg.seed)
@@ -513,15 +530,16 @@ def section_ranking(cfg, impls, results):
     images = images.to(torch.bfloat16)
     with torch.inference_mode():
         for name, subnets in groups.items():
-            hits = torch.stack([val_hits(supernet, s, images, labels) for s in subnets])  # (subnets, images)
-            top1 = 100 * hits.mean(1)
+            scores = torch.stack([val_scores(supernet, s, images, labels) for s in subnets])  # (subnets, 2, images)
+            top1 = 100 * scores[:, 0].mean(1)
             results["ranking"][name] = {"subnets": len(subnets), "top1_range": [top1.min().item(), top1.max().item()]}
             for n in (250, 500, 1000):
                 pairs = [torch.randperm(len(labels), generator=generator)[:2 * n] for _ in range(20)]
-                rho = statistics.mean(spearman(hits[:, p[:n]].mean(1).numpy(), hits[:, p[n:]].mean(1).numpy())
-                                      for p in pairs)
-                results["ranking"][name][f"spearman_n{n}"] = rho
-                rows.append((f"ranking, {len(subnets)} subnets of the {name}, n = {n} (Spearman)", rho, None, None))
+                for k, score in enumerate(("top1", "loglik")):
+                    rho = statistics.mean(spearman(scores[:, k, p[:n]].mean(1).numpy(),
+                                                   scores[:, k, p[n:]].mean(1).numpy()) for p in pairs)
+                    results["ranking"][name][f"spearman_{score}_n{n}"] = rho
+                    rows.append((f"ranking: Spearman, {len(subnets)} of {name}, n={n}, {score}", rho, None, None))
             print(f"  {name}: {len(subnets)} subnets, val top-1 {top1.min():.1f} to {top1.max():.1f} %", flush=True)
     return rows
 

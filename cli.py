@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import data
-from supernet import PUBLISHED, SPACES, CheckpointError, Subnet, Supernet, load_weights, space_of
+from supernet import PUBLISHED, SPACES, CheckpointError, Subnet, Supernet, load_weights, sharing_of, space_of
 
 # ----------------------------------------------------------------------------- command lines
 
@@ -121,8 +121,9 @@ def checkpoint_space(checkpoint, path, space_name=""):
 
 def open_supernet(checkpoint, path, space_name="", drop_path=0.0):
     """The Supernet of a checkpoint that load_checkpoint read, its weights loaded, in the space of
-    checkpoint_space. Weights that do not fit it are refused naming the first key and shape that
-    differ, and for an official checkpoint the space whose shapes they have, if any."""
+    checkpoint_space and the sharing it records (official files: entangled). Weights that do not fit
+    it are refused naming the first key and shape that differ, and for an official checkpoint the
+    space whose shapes they have, if any."""
     space = checkpoint_space(checkpoint, path, space_name)
     if is_official(checkpoint):
         fits = spaces_of_shapes(checkpoint["model"])
@@ -131,7 +132,7 @@ def open_supernet(checkpoint, path, space_name="", drop_path=0.0):
             hint += f"; its shapes are those of --space {' or '.join(fits)}" if fits else ""
             with torch.device("meta"):  # raises, naming the first key and shape that differ; nothing allocated
                 load_weights(Supernet(space), checkpoint["model"], path, hint)
-    return load_weights(Supernet(space, drop_path), checkpoint["model"], path)
+    return load_weights(Supernet(space, drop_path, sharing_of(checkpoint, path)), checkpoint["model"], path)
 
 
 def refuse_official_flags(checkpoint, path, flags):
@@ -144,11 +145,12 @@ def refuse_official_flags(checkpoint, path, flags):
 
 
 def spaces_of_shapes(state_dict):
-    """The names of the spaces whose supernet has exactly these keys and shapes."""
+    """The names of the spaces whose entangled supernet, the official files' kind, has exactly these
+    keys and shapes."""
     shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
     with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
-        return [name for name, space in SPACES.items()
-                if {key: tuple(value.shape) for key, value in Supernet(space).state_dict().items()} == shapes]
+        return [name for name, space in SPACES.items() if shapes == {
+            key: tuple(value.shape) for key, value in Supernet(space, sharing="entangled").state_dict().items()}]
 
 
 # ----------------------------------------------------------------------------- data sets

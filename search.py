@@ -25,6 +25,7 @@ Writes OUT (default: the checkpoint's folder/search): candidates.jsonl (every sc
 best.json (a Subnet), pareto.json, search.png, latency.jsonl (with --latency-ms), state.json and,
 for a released supernet, fitness.json (the fitness images' files, to rebuild the set).
 """
+import copy
 import dataclasses
 import hashlib
 import json
@@ -58,6 +59,10 @@ class SearchConfig:
     out: str = field(default="", metadata={"help": "results folder; empty: the checkpoint's folder/search"})
     algorithm: str = field(default="evolution", metadata={"help": "the same number of subnets scored either way",
                                                           "choices": ("evolution", "random")})
+    fitness: str = field(default="loglik", metadata={"help": "what ranks the subnets on the held-out images: the mean "
+                                                             "log-probability of the right class (it ranks them far more "
+                                                             "consistently) or top-1 (the paper's)",
+                                                     "choices": ("loglik", "top1")})
     params: str = field(default="", metadata={"help": "MIN:MAX parameters, e.g. 0.4M:0.6M or :600K; empty: 25%%-45%% "
                                                       "of the way from the space's smallest subnet to its largest"})
     flops: str = field(default="", metadata={"help": "MIN:MAX multiply-accumulates per image, e.g. :40M"})
@@ -132,6 +137,10 @@ def windows(space, cfg):
 def mega(x):
     return f"{x / 1e6:.3g}M" if x != float("inf") else "inf"
 
+
+def scores_text(record):
+    return f"log-likelihood {record['loglik']:.4f}, top-1 {record['top1']:5.1f}%"
+
 # ----------------------------------------------------------------------------- the search
 
 
@@ -176,10 +185,11 @@ def draw(new, make, count, tries, seen, admissible):
 
 
 def run_search(space, fitness, admissible, cfg, history=(), log=None):
-    """The search. `fitness(subnets, generation) -> [top-1]` scores new subnets with their inherited
-    weights, `admissible(subnet) -> bool` tells the constraints, `history` holds the records of the
-    generations a resumed search has finished, `log(generation, records)` sees each generation.
-    Returns every record: {"subnet", "top1", "generation"}."""
+    """The search. `fitness(subnets, generation) -> [{"top1", "loglik"}]` scores new subnets with their
+    inherited weights (cfg.fitness names the score that ranks them), `admissible(subnet) -> bool`
+    tells the constraints, `history` holds the records of the generations a resumed search has
+    finished, `log(generation, records)` sees each generation. Returns every record: {"subnet",
+    "top1", "loglik", "generation"}."""
     records = list(history)
     seen = {r["subnet"] for r in records}  # never score a subnet twice
     for generation in range(records[-1]["generation"] + 1 if records else 0, cfg.generations + 1):
@@ -188,7 +198,7 @@ def run_search(space, fitness, admissible, cfg, history=(), log=None):
         new = []
         if cfg.algorithm == "evolution" and generation > 0:
             # parents: the best subnets found so far (a stable sort: ties go to the earlier subnet)
-            parents = [r["subnet"] for r in sorted(records, key=lambda r: -r["top1"])[:cfg.parents]]
+            parents = [r["subnet"] for r in sorted(records, key=lambda r: -r[cfg.fitness])[:cfg.parents]]
             # children: mutations of a random parent, then crossovers of two, 10 tries per wanted
             # child as in the official code
             draw(new, lambda: mutate(rng.choice(parents), space, rng, cfg.p_global, cfg.p_layer), cfg.mutations,
@@ -201,17 +211,17 @@ def run_search(space, fitness, admissible, cfg, history=(), log=None):
                              f"constraints after {cfg.max_tries} random draws ({len(seen)} seen): the constrained "
                              "space is (nearly) exhausted; widen the windows or lower --population/--generations")
         # score them
-        records += [{"subnet": s, "top1": f, "generation": generation} for s, f in zip(new, fitness(new, generation))]
+        records += [{"subnet": s, **f, "generation": generation} for s, f in zip(new, fitness(new, generation))]
         if log:
             log(generation, records)
     return records
 
 
-def pareto(records):
-    """The records that no other beats on both counts: fewer (or as many) parameters, more top-1."""
+def pareto(records, key):
+    """The records that no other beats on both counts: fewer (or as many) parameters, a higher `key`."""
     front = []
-    for r in sorted(records, key=lambda r: (r["params"], -r["top1"])):
-        if not front or r["top1"] > front[-1]["top1"]:
+    for r in sorted(records, key=lambda r: (r["params"], -r[key])):
+        if not front or r[key] > front[-1][key]:
             front.append(r)
     return front
 
@@ -219,17 +229,18 @@ def pareto(records):
 
 
 def supernet_fitness(scorer, split, cfg, memo, on_score, rank, world):
-    """fitness() for run_search: top-1 % on `split`, the images that rank the subnets, decoded
-    once: an (images, labels) pair of tensors or data.Crops. Each process scores one subnet
+    """fitness() for run_search: top-1 % and mean log-likelihood on `split`, the images that rank
+    the subnets, decoded once: an (images, labels) pair of tensors or data.Crops. Each process scores one subnet
     per CPU thread at a time (one on a GPU), and the processes all-gather their scores. Subnets
     in `memo` (scored before a resume) are not scored again; on_score sees each new one, in order.
     On a CPU, a subnet per core on one thread each beats one subnet at a time on all cores: the
     small ops of a 32 px model parallelise poorly, and spin-waiting threads burn a shared machine.
     The threads end with each round, so that latency is measured between rounds on a quiet machine."""
-    jobs = 1 if scorer.pos_embed.is_cuda else torch.get_num_threads()
+    jobs = 1 if next(scorer.parameters()).is_cuda else torch.get_num_threads()
 
-    def top1(subnet):
-        return evaluate(scorer, split, subnet, None, cfg.batch_size)["top1"]
+    def score(subnet):
+        result = evaluate(scorer, split, subnet, None, cfg.batch_size)
+        return {"top1": result["top1"], "loglik": result["loglik"]}
 
     def fitness(subnets, generation):
         todo, threads = [s for s in subnets if s not in memo], torch.get_num_threads()
@@ -238,7 +249,7 @@ def supernet_fitness(scorer, split, cfg, memo, on_score, rank, world):
             with ThreadPoolExecutor(jobs) as pool:
                 for i in range(0, len(todo), world * jobs):
                     chunk = todo[i:i + world * jobs]
-                    mine = list(pool.map(top1, chunk[rank::world]))  # rank r scores chunk[r::world]
+                    mine = list(pool.map(score, chunk[rank::world]))  # rank r scores chunk[r::world]
                     scores = [mine]
                     if world > 1:
                         scores = [None] * world
@@ -257,7 +268,7 @@ def supernet_fitness(scorer, split, cfg, memo, on_score, rank, world):
 def measure_latency(supernet, subnet, batch, warmup=3, runs=10):
     """Median wall milliseconds of one forward of the extracted standalone model, fp32."""
     model = extract(supernet, subnet).eval()
-    device, size = supernet.pos_embed.device, supernet.space.img_size
+    device, size = next(supernet.parameters()).device, supernet.space.img_size
     x = torch.randn(batch, supernet.space.in_chans, size, size, device=device)
     times = []
     for _ in range(warmup + runs):
@@ -345,12 +356,10 @@ def check_fingerprint(cfg, state, out):
 
 
 def load_scorer(checkpoint, cfg, device):
-    """(the supernet, a copy of it in the scoring dtype). The copy is cast once: autocast would
-    cast each weight slice again in every forward (20 % slower)."""
+    """(the supernet, a copy of it in the scoring dtype, of the same sharing). The copy is cast once:
+    autocast would cast each weight slice again in every forward (20 % slower)."""
     supernet = open_supernet(checkpoint, cfg.checkpoint, cfg.space).to(device).eval()
-    scorer = Supernet(supernet.space).to(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]).eval()
-    scorer.load_state_dict(supernet.state_dict())
-    return supernet, scorer
+    return supernet, copy.deepcopy(supernet).to(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype])
 
 
 def load_fitness_set(checkpoint, space, cfg, device, dtype):
@@ -398,7 +407,7 @@ class SearchFiles:
     def start(self, state, supernet, world, fitness_set=None):
         """Open the folder: on --resume, the records scored so far; else an earlier search's results
         removed. `fitness_set`: an official checkpoint's fitness images, written to fitness.json; a
-        resumed search must have the same. Returns (the records, memo: subnet -> top-1 of every one
+        resumed search must have the same. Returns (the records, memo: subnet -> scores of every one
         scored)."""
         records = read_jsonl(self.log_path) if self.cfg.resume else []
         if fitness_set and self.cfg.resume:
@@ -421,7 +430,7 @@ class SearchFiles:
                 self.save_state(0)
         self.latency = latency_check(supernet, self.cfg, self.out / "latency.jsonl", self.rank, world)
         self.start_time, self.scored_before = time.time(), len(records)
-        return records, {Subnet(**r["subnet"]): r["top1"] for r in records}
+        return records, {Subnet(**r["subnet"]): {"top1": r["top1"], "loglik": r["loglik"]} for r in records}
 
     def save_state(self, generations_done, **extra):
         write_atomic(self.state_path, json.dumps({"config": dataclasses.asdict(self.cfg),
@@ -432,15 +441,15 @@ class SearchFiles:
         return (all(lo <= counter(self.space, subnet) <= hi for counter, (lo, hi) in self.bounds.values())
                 and (not self.cfg.latency_ms or self.latency(subnet) <= self.cfg.latency_ms))
 
-    def describe(self, subnet, top1, generation):
+    def describe(self, subnet, scores, generation):
         """One line of candidates.jsonl."""
         row = {"subnet": json.loads(subnet.to_json()), "params": count_params(self.space, subnet),
-               "flops": count_flops(self.space, subnet), "top1": top1, "generation": generation}
+               "flops": count_flops(self.space, subnet), **scores, "generation": generation}
         return dict(row, latency_ms=self.latency(subnet)) if self.cfg.latency_ms else row
 
-    def on_score(self, subnet, top1, generation):
+    def on_score(self, subnet, scores, generation):
         if self.rank == 0:
-            append_jsonl(self.log_path, self.describe(subnet, top1, generation))
+            append_jsonl(self.log_path, self.describe(subnet, scores, generation))
 
     def log(self, generation, records):
         """After every generation: the state for --resume, and a progress line."""
@@ -448,7 +457,8 @@ class SearchFiles:
             return
         self.save_state(generation + 1)
         elapsed, fresh = time.time() - self.start_time, max(len(records) - self.scored_before, 1)
-        print(f"gen {generation:2d}/{self.cfg.generations}  best {max(r['top1'] for r in records):5.1f}%  median "
+        best = max(records, key=lambda r: r[self.cfg.fitness])
+        print(f"gen {generation:2d}/{self.cfg.generations}  best: {scores_text(best)}  median top-1 "
               f"{statistics.median(r['top1'] for r in records[-self.cfg.population:]):5.1f}% (this gen)  scored "
               f"{len(records)}/{self.total}  {elapsed / fresh:.2f} s/subnet  elapsed {elapsed:4.0f} s  "
               f"eta {elapsed / fresh * (self.total - len(records)):4.0f} s", flush=True)
@@ -512,20 +522,20 @@ def report(files, records, supernet, checkpoint, device):
     """The results: the Pareto front, the winner and its val top-1 (the validation split is read
     here, once, for the winner only), best.json, pareto.json, search.png and the summary."""
     cfg, out, space = files.cfg, files.out, files.space
-    rows = [files.describe(r["subnet"], r["top1"], r["generation"]) for r in records]
-    front = pareto(rows)
-    best = front[-1]  # the highest top-1; among ties the fewest parameters, then the earliest found
+    rows = [files.describe(r["subnet"], {k: r[k] for k in ("top1", "loglik")}, r["generation"]) for r in records]
+    front = pareto(rows, cfg.fitness)
+    best = front[-1]  # the highest fitness; among ties the fewest parameters, then the earliest found
     subnet = Subnet(**best["subnet"])
     best["val_top1"] = val_top1(supernet, subnet, checkpoint, cfg, device)
     write_atomic(out / "best.json", subnet.to_json() + "\n")
     write_atomic(out / "pareto.json", json.dumps(front, indent=1))
     extremes = (count_params(space, space.smallest()), count_params(space, space.largest()))
-    picture = plot.search_scatter(rows, front, files.bounds["params"][1], extremes,
+    picture = plot.search_scatter(rows, front, cfg.fitness, files.bounds["params"][1], extremes,
                                   f"{cfg.algorithm}, seed {cfg.seed}: {len(rows)} subnets, {files.window_text()}")
     write_atomic(out / "search.png", lambda f: picture.save(f, "PNG"))
     summary = {"best": best, "scored": len(rows), "seconds": time.time() - files.start_time}
     files.save_state(cfg.generations + 1, result=summary)
-    print(f"best: held-out top-1 {best['top1']:.2f}%, val top-1 {best['val_top1']:.2f}% (fp32), {mega(best['params'])} "
+    print(f"best: held-out {scores_text(best)}, val top-1 {best['val_top1']:.2f}% (fp32), {mega(best['params'])} "
           f"params, {mega(best['flops'])} MACs, embed dim {subnet.embed_dim}, depth {subnet.depth}")
     print(f"results in {out}: candidates.jsonl, best.json, pareto.json ({len(front)} on the front), search.png, "
           "state.json")

@@ -1,11 +1,21 @@
-"""The AutoFormer search space and its weight-entangled supernet.
+"""The AutoFormer search space and its supernet, in two kinds of weight sharing.
 
 A subnet is a vision transformer chosen from the space: one embed dim E for the whole net, a depth,
-and per layer a number of heads and an MLP ratio. All subnets share one set of *super* weights: a
-layer of the subnet reads the leading block W[:out, :in] of the super layer (kernels.py holds that
-rule), so training one subnet trains every subnet that overlaps it. The module and parameter names
-follow the official implementation (github microsoft/Cream, folder AutoFormer), so its released
-supernet checkpoints load into `Supernet` unchanged (`load_supernet`).
+and per layer a number of heads and an MLP ratio. How the subnets share weights is the supernet's
+`sharing`, written in one place, `chosen`:
+
+  entangled  AutoFormer's: all subnets share one set of *super* weights; a layer of the subnet reads
+             the leading block W[:out, :in] of the super layer (kernels.py holds that rule), so
+             training one subnet trains every subnet that overlaps it.
+  classical  the baseline that AutoFormer's ablation compares with (one-shot NAS as SPOS): every
+             choice owns its weights, each of exactly its size: an attention per (embed dim, heads)
+             in each layer, an MLP per (embed dim, MLP ratio), an embedding and a head per embed
+             dim. Two subnets share a weight only where they make the same choice.
+
+Both run the same sliced ops; on a tensor of exactly the size it needs, a slice takes it whole. The
+module and parameter names of the entangled supernet follow the official implementation (github
+microsoft/Cream, folder AutoFormer), so its released supernet checkpoints load into `Supernet`
+unchanged (`load_supernet`).
 """
 import argparse
 import dataclasses
@@ -159,15 +169,36 @@ def count_params(space, subnet):
     """Parameters of the subnet, counted as the official `get_sampled_params_numel`: every sliced
     weight and bias of the active layers (the relative-position tables included), the final norm,
     the head, the cls token and the absolute position embedding."""
-    E, D = subnet.embed_dim, space.head_dim
-    buckets = 2 * space.max_relative_position + 2
+    E = subnet.embed_dim
+    return embedding_params(space, E) + sum(attention_params(space, E, heads) + mlp_params(E, hidden)
+                                            for heads, hidden in zip(subnet.num_heads, subnet.hidden_dims()))
+
+
+def supernet_params(space, sharing="entangled"):
+    """Parameters of the whole supernet. Entangled: its super tensors, the count of a subnet as wide
+    and deep as the supernet. Classical: every choice's own tensors, in every layer."""
+    if sharing == "entangled":
+        S, heads, ratio = space.super_embed_dim, max(space.num_heads), space.super_mlp_ratio
+        return count_params(space, Subnet(S, [ratio] * space.super_depth, [heads] * space.super_depth))
+    layer = (sum(attention_params(space, E, heads) for E in space.embed_dims for heads in space.num_heads)
+             + sum(mlp_params(E, int(E * ratio)) for E in space.embed_dims for ratio in space.mlp_ratios))
+    return sum(embedding_params(space, E) for E in space.embed_dims) + space.super_depth * layer
+
+
+def embedding_params(space, E):
+    """What depends on the embed dim alone: patch embedding, cls token, position embedding, final norm, head."""
     total = space.in_chans * space.patch_size**2 * E + E  # patch embedding
     total += E * (space.num_patches + 2)  # cls token and position embedding
-    for heads, hidden in zip(subnet.num_heads, subnet.hidden_dims()):
-        d = heads * D
-        total += 2 * E + (E * 3 * d + 3 * d) + 4 * buckets * D + (d * E + E)  # norm, qkv, tables, proj
-        total += 2 * E + (E * hidden + hidden) + (hidden * E + E)  # norm, fc1, fc2
     return total + 2 * E + E * space.num_classes + space.num_classes  # final norm, head
+
+
+def attention_params(space, E, heads):
+    d, buckets = heads * space.head_dim, 2 * space.max_relative_position + 2
+    return 2 * E + (E * 3 * d + 3 * d) + 4 * buckets * space.head_dim + (d * E + E)  # norm, qkv, tables, proj
+
+
+def mlp_params(E, hidden):
+    return 2 * E + (E * hidden + hidden) + (hidden * E + E)  # norm, fc1, fc2
 
 
 def count_flops(space, subnet):
@@ -208,51 +239,112 @@ class RelativePosition2D(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, space):
+    """The weights of an attention from width E to d = heads * head_dim units and back."""
+
+    def __init__(self, space, E, d):
         super().__init__()
-        d = max(space.num_heads) * space.head_dim
-        self.qkv = nn.Linear(space.super_embed_dim, 3 * d)  # rows interleaved q, k, v: see kernels.py
+        self.qkv = nn.Linear(E, 3 * d)  # rows interleaved q, k, v (kernels.py), whatever the sharing: one kernel
         self.rel_pos_embed_k = RelativePosition2D(space.head_dim, space.max_relative_position)
         self.rel_pos_embed_v = RelativePosition2D(space.head_dim, space.max_relative_position)
-        self.proj = nn.Linear(d, space.super_embed_dim)
+        self.proj = nn.Linear(d, E)
 
     def tables(self):
         k, v = self.rel_pos_embed_k, self.rel_pos_embed_v
         return k.embeddings_table_v, k.embeddings_table_h, v.embeddings_table_v, v.embeddings_table_h
 
 
+# ----------------------------------------------------------------------------- weight sharing
+
+SHARINGS = ("entangled", "classical")
+
+
+def chosen(sharing, key, *owners):
+    """The weight-sharing rule, in one place: the module (or tensor) that the choice named `key`
+    uses, of each owner.
+
+    entangled  an owner is one super module that every choice uses: the sliced ops of kernels.py
+               take its leading block, so all choices share its leading entries.
+    classical  an owner holds one module per choice, keyed by the choice's name and of exactly
+               its size: the choice gets its own, which the same ops take whole.
+    """
+    if sharing == "entangled":
+        return owners
+    return tuple(owner[key] for owner in owners)
+
+
+def embed_key(E):
+    return f"e{E}"
+
+
+def attention_key(E, num_heads):
+    return f"e{E}_h{num_heads}"
+
+
+def mlp_key(E, mlp_ratio):
+    return f"e{E}_r{mlp_ratio:g}".replace(".", "p")  # a module name holds no dot: 3.5 -> r3p5
+
+
+def choice_sizes(space, sharing):
+    """The owners' sizes, each {key: sizes}: (E,) of the embed dims, (E, heads * head_dim) of a
+    layer's attentions, (E, hidden) of a layer's MLPs. Entangled: the super sizes alone."""
+    S, D = space.super_embed_dim, space.head_dim
+    if sharing == "entangled":
+        hidden = int(S * space.super_mlp_ratio)
+        return {"super": (S,)}, {"super": (S, max(space.num_heads) * D)}, {"super": (S, hidden)}
+    return ({embed_key(E): (E,) for E in space.embed_dims},
+            {attention_key(E, h): (E, h * D) for E in space.embed_dims for h in space.num_heads},
+            {mlp_key(E, r): (E, int(E * r)) for E in space.embed_dims for r in space.mlp_ratios})
+
+
+def owned(sharing, sizes, make):
+    """An owner for `chosen`, built by make(*sizes) for the sizes of choice_sizes: entangled, the
+    one super module itself; classical, one per choice, keyed by its name, in an nn.ModuleDict (an
+    nn.ParameterDict for bare tensors)."""
+    made = {key: make(*size) for key, size in sizes.items()}
+    if sharing == "entangled":
+        return made["super"]
+    tensors = isinstance(next(iter(made.values())), nn.Parameter)
+    return nn.ParameterDict(made) if tensors else nn.ModuleDict(made)
+
+
 class Block(nn.Module):
     """A pre-norm transformer layer, x = x + attention(norm(x)), then x = x + mlp(norm(x)), whose
-    width, heads and MLP size are arguments of `forward`: the width is that of x."""
+    width, heads and MLP ratio are arguments of `forward`: the width is that of x."""
 
-    def __init__(self, space, drop_path_rate):
+    def __init__(self, space, drop_path_rate, sharing):
         super().__init__()
-        self.space, self.drop_path_rate = space, drop_path_rate
-        S = space.super_embed_dim
-        self.attn_layer_norm = nn.LayerNorm(S)
-        self.attn = Attention(space)
-        self.ffn_layer_norm = nn.LayerNorm(S)
-        self.fc1 = nn.Linear(S, int(S * space.super_mlp_ratio))
-        self.fc2 = nn.Linear(int(S * space.super_mlp_ratio), S)
+        self.space, self.drop_path_rate, self.sharing = space, drop_path_rate, sharing
+        _, attentions, mlps = choice_sizes(space, sharing)
+        self.attn_layer_norm = owned(sharing, attentions, lambda E, d: nn.LayerNorm(E))
+        self.attn = owned(sharing, attentions, lambda E, d: Attention(space, E, d))
+        self.ffn_layer_norm = owned(sharing, mlps, lambda E, hidden: nn.LayerNorm(E))
+        self.fc1 = owned(sharing, mlps, lambda E, hidden: nn.Linear(E, hidden))
+        self.fc2 = owned(sharing, mlps, lambda E, hidden: nn.Linear(hidden, E))
 
-    def forward(self, x, num_heads, hidden):
-        ln1, ln2 = self.attn_layer_norm, self.ffn_layer_norm
-        x = self.attention(sliced_layer_norm(x, ln1.weight, ln1.bias), num_heads, residual=x)
-        x = self.mlp(sliced_layer_norm(x, ln2.weight, ln2.bias), hidden, residual=x)
+    def weights(self, E, num_heads, mlp_ratio):
+        """The modules of this layer that a choice uses: (its norm, attention), (its norm, fc1, fc2)."""
+        return (chosen(self.sharing, attention_key(E, num_heads), self.attn_layer_norm, self.attn),
+                chosen(self.sharing, mlp_key(E, mlp_ratio), self.ffn_layer_norm, self.fc1, self.fc2))
+
+    def forward(self, x, num_heads, mlp_ratio):
+        E = x.shape[-1]
+        (ln1, attn), (ln2, fc1, fc2) = self.weights(E, num_heads, mlp_ratio)
+        x = self.attention(sliced_layer_norm(x, ln1.weight, ln1.bias), attn, num_heads, residual=x)
+        x = self.mlp(sliced_layer_norm(x, ln2.weight, ln2.bias), fc1, fc2, int(E * mlp_ratio), residual=x)
         return x
 
-    def attention(self, h, num_heads, residual):
+    def attention(self, h, attn, num_heads, residual):
         """residual + proj(attention(h)), h the normalised tokens (B, N, E)."""
-        E, attn, proj = residual.shape[-1], self.attn, (self.attn.proj.weight, self.attn.proj.bias)
+        E, proj = residual.shape[-1], (attn.proj.weight, attn.proj.bias)
         q, k, v = interleaved_qkv(h, attn.qkv.weight, attn.qkv.bias, num_heads, self.space.head_dim)  # (B, heads, N, D)
         heads_out = relative_attention(q, k, v, attn.tables(), self.space.max_relative_position)  # (B, N, heads * D)
         if self.dropping():
             return residual + drop_path(sliced_linear(heads_out, *proj, E), self.drop_path_rate)
         return sliced_linear(heads_out, *proj, E, residual=residual)
 
-    def mlp(self, h, hidden, residual):
-        """residual + fc2(gelu(fc1(h))), with `hidden` units."""
-        weights = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+    def mlp(self, h, fc1, fc2, hidden, residual):
+        """residual + fc2(gelu(fc1(h))), with `hidden` units (int(E * ratio), as Subnet.hidden_dims)."""
+        weights = fc1.weight, fc1.bias, fc2.weight, fc2.bias
         if self.dropping():
             return residual + drop_path(sliced_mlp(h, *weights, hidden), self.drop_path_rate)
         return sliced_mlp(h, *weights, hidden, residual=residual)
@@ -264,10 +356,11 @@ class Block(nn.Module):
 
 
 def official_init(model):
-    """The official initialisation, for a supernet and for a standalone AutoFormer alike: truncated
-    normal (std 0.02) for linear weights, the tokens and the tables; zero linear biases; LayerNorms
-    at identity. The patch conv, weight and bias, keeps PyTorch's default, as the official
-    `_init_weights` touches only nn.Linear and nn.LayerNorm (and the tokens and tables explicitly)."""
+    """The official initialisation, for a supernet of either sharing and for a standalone AutoFormer
+    alike: truncated normal (std 0.02) for linear weights, the tokens and the tables; zero linear
+    biases; LayerNorms at identity. The patch conv, weight and bias, keeps PyTorch's default, as the
+    official `_init_weights` touches only nn.Linear and nn.LayerNorm (and the tokens and tables
+    explicitly)."""
     for name, p in model.named_parameters():
         if "patch_embed" in name:
             continue
@@ -280,9 +373,9 @@ def official_init(model):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, space):
+    def __init__(self, space, E):
         super().__init__()
-        self.proj = nn.Conv2d(space.in_chans, space.super_embed_dim, space.patch_size, space.patch_size)
+        self.proj = nn.Conv2d(space.in_chans, E, space.patch_size, space.patch_size)
 
 
 def check_images(images, space):
@@ -294,39 +387,48 @@ def check_images(images, space):
 
 
 class Supernet(nn.Module):
-    """All subnets of `space` in one set of weights; `forward(images, subnet)` runs one of them.
+    """All subnets of `space` in one module; `forward(images, subnet)` runs one of them. `sharing`:
+    how they share the weights, "entangled" or "classical" (see `chosen`).
 
     Stateless: the subnet is an argument, nothing about it is cached between calls, so the same
     module serves any subnet right after any optimizer step.
     """
 
-    def __init__(self, space, drop_path=0.0):
+    def __init__(self, space, drop_path=0.0, sharing="entangled"):
         super().__init__()
-        self.space = space
-        S = space.super_embed_dim
-        self.patch_embed_super = PatchEmbed(space)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, S))
-        self.pos_embed = nn.Parameter(torch.zeros(1, space.num_patches + 1, S))
+        if sharing not in SHARINGS:
+            raise ValueError(f"sharing={sharing!r}: choose one of {', '.join(SHARINGS)}")
+        self.space, self.sharing = space, sharing
+        embed_dims, tokens = choice_sizes(space, sharing)[0], space.num_patches + 1
+        self.patch_embed_super = owned(sharing, embed_dims, lambda E: PatchEmbed(space, E))
+        self.cls_token = owned(sharing, embed_dims, lambda E: nn.Parameter(torch.zeros(1, 1, E)))
+        self.pos_embed = owned(sharing, embed_dims, lambda E: nn.Parameter(torch.zeros(1, tokens, E)))
         rates = torch.linspace(0, drop_path, space.super_depth, device="cpu").tolist()  # over the super depth
-        self.blocks = nn.ModuleList(Block(space, rate) for rate in rates)
-        self.norm = nn.LayerNorm(S)
-        self.head = nn.Linear(S, space.num_classes)
+        self.blocks = nn.ModuleList(Block(space, rate, sharing) for rate in rates)
+        self.norm = owned(sharing, embed_dims, nn.LayerNorm)
+        self.head = owned(sharing, embed_dims, lambda E: nn.Linear(E, space.num_classes))
         official_init(self)
+
+    def weights(self, E):
+        """What the embed dim E uses: (patch embedding, cls token, position embedding, final norm, head)."""
+        return chosen(self.sharing, embed_key(E), self.patch_embed_super, self.cls_token, self.pos_embed,
+                      self.norm, self.head)
 
     def forward(self, images, subnet):
         self.space.validate(subnet)
         check_images(images, self.space)
         E = subnet.embed_dim
-        conv = self.patch_embed_super.proj
+        patch_embed, cls_token, pos_embed, norm, head = self.weights(E)
+        conv = patch_embed.proj
         x = F.conv2d(images, conv.weight[:E], conv.bias[:E], stride=self.space.patch_size)  # (B, E, G, G)
         x = x.flatten(2).transpose(1, 2)  # (B, G*G, E), patches in row-major order
-        x = torch.cat([self.cls_token[..., :E].expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, E)
-        x = x + self.pos_embed[..., :E]
-        for block, heads, hidden in zip(self.blocks, subnet.num_heads, subnet.hidden_dims()):
-            x = block(x, heads, hidden)
-        x = sliced_layer_norm(x, self.norm.weight, self.norm.bias)
+        x = torch.cat([cls_token[..., :E].expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, E)
+        x = x + pos_embed[..., :E]
+        for block, heads, ratio in zip(self.blocks, subnet.num_heads, subnet.mlp_ratios):
+            x = block(x, heads, ratio)
+        x = sliced_layer_norm(x, norm.weight, norm.bias)
         x = x[:, 1:].mean(dim=1)  # (B, E): mean of the patch tokens, as the official `gp`
-        return sliced_linear(x, self.head.weight, self.head.bias, self.space.num_classes)
+        return sliced_linear(x, head.weight, head.bias, self.space.num_classes)
 
 
 class CheckpointError(ValueError):
@@ -335,8 +437,13 @@ class CheckpointError(ValueError):
 
 def load_weights(model, state_dict, source, hint="weights of another space or subnet?"):
     """model.load_state_dict(state_dict), with an error naming `source`, the first key or shape that
-    differs, in the model's order, and `hint`, instead of load_state_dict's list of every one."""
+    differs, in the model's order, and `hint`, instead of load_state_dict's list of every one. A
+    Supernet refuses the weights of the other sharing as such."""
     own, kind = model.state_dict(), type(model).__name__
+    found = sharing_of_weights(state_dict) if isinstance(model, Supernet) else None
+    if found is not None and found != model.sharing:
+        raise CheckpointError(f"{source}: the weights of a supernet with {found} sharing, but this Supernet has "
+                              f"{model.sharing} sharing: build it with sharing={found!r}")
     for key, value in own.items():
         if key not in state_dict:
             raise CheckpointError(f"{source}: the weights do not fit this {kind}: they lack {key}, of shape "
@@ -350,6 +457,14 @@ def load_weights(model, state_dict, source, hint="weights of another space or su
                               f"({len(extra)} such keys): {hint}")
     model.load_state_dict(state_dict)
     return model
+
+
+def sharing_of_weights(state_dict):
+    """The sharing of the supernet whose state dict this is, told by its class token: one tensor
+    (entangled) or one per embed dim (classical); None for neither."""
+    if "cls_token" in state_dict:
+        return "entangled"
+    return "classical" if any(key.startswith("cls_token.") for key in state_dict) else None
 
 
 def load_checkpoint(path, mmap=False, supernet=False):
@@ -395,8 +510,17 @@ def space_of(checkpoint, path, space=None):
     return space
 
 
+def sharing_of(checkpoint, path):
+    """The weight sharing of a supernet checkpoint: the one it records; entangled where it records
+    none, as the official files."""
+    sharing = checkpoint.get("sharing", "entangled")
+    if sharing not in SHARINGS:
+        raise CheckpointError(f"{path}: the recorded 'sharing' is {sharing!r}, expected one of {', '.join(SHARINGS)}")
+    return sharing
+
+
 def load_supernet(path, space=None):
     """The supernet of a checkpoint file, ready to run: `load_supernet("out/ckpt.pt")`."""
     checkpoint = load_checkpoint(path, supernet=True)
     space = space_of(checkpoint, path, space)
-    return load_weights(Supernet(space), checkpoint["model"], path)
+    return load_weights(Supernet(space, sharing=sharing_of(checkpoint, path)), checkpoint["model"], path)

@@ -9,6 +9,7 @@ every batch, the smaller ones distilled from the largest's predictions (BigNAS, 
 
   python train.py                                 # built-in data set, cpu space, < 10 min on 2 cores
   python train.py --sandwich                      # the sandwich rule with in-place distillation
+  python train.py --sharing classical --out out/classical   # the baseline: every choice owns its weights
   python train.py --resume                        # continue out/ckpt.pt after a crash
   python train.py --data ~/cifar-10-batches-py --space cpu --epochs 100
   torchrun --nproc_per_node=8 train.py --data ~/imagenet --space tiny --epochs 500 --batch-size 128 \\
@@ -37,7 +38,8 @@ import plot
 from autoformer import AutoFormer, evaluate, extract
 from cli import (check_trained_on, clock, dataset_record, open_supernet, parse_config, read_subnet,
                  refuse_changed_settings, write_atomic)
-from supernet import SPACES, CheckpointError, SearchSpace, Subnet, Supernet, load_checkpoint, space_of
+from supernet import (SHARINGS, SPACES, CheckpointError, SearchSpace, Subnet, Supernet, load_checkpoint,
+                      load_weights, space_of)
 
 
 @dataclass
@@ -48,6 +50,10 @@ class TrainConfig:
     data: str = field(default="", metadata={"help": "image folder or CIFAR; empty: the built-in set, data/synthetic"})
     space: str = field(default="cpu", metadata={"help": f"search space: {', '.join(SPACES)}; for an official "
                                                          "--init or --inherit file, the one it was trained in"})
+    sharing: str = field(default="entangled", metadata={
+        "help": "how the subnets share weights: entangled (AutoFormer: every subnet uses the leading block of one "
+                "super weight) or classical (the baseline: every choice of every layer owns its weights); "
+                "--init takes the checkpoint's", "choices": SHARINGS})
     out: str = field(default="out", metadata={"help": "folder for ckpt.pt and curves.png"})
     epochs: int = field(default=20, metadata={"help": "passes over the training split"})
     batch_size: int = field(default=64, metadata={"help": "images per step and per process"})
@@ -222,11 +228,22 @@ def build_model(cfg, state, num_classes):
         model = extract(given, subnet) if given is not None else AutoFormer(space, subnet)
         fixed = {"subnet": subnet}
     else:
-        model = given if given is not None else Supernet(space, cfg.drop_path)
+        model = given if given is not None else Supernet(space, cfg.drop_path, cfg.sharing)
         fixed = fixed_subnets(space)
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], source)
     return model, space, fixed
+
+
+def init_sharing(cfg, typed, model):
+    """The config of a supernet run begun with --init: the sharing its checkpoint records, which a
+    typed --sharing must agree with."""
+    if not cfg.init or cfg.sharing == model.sharing:
+        return cfg
+    if "sharing" in typed:
+        raise ValueError(f"--sharing {cfg.sharing}: --init {cfg.init} holds a supernet with {model.sharing} sharing, "
+                         "which it keeps: drop the flag")
+    return dataclasses.replace(cfg, sharing=model.sharing)
 
 
 def held_out(loader, image_size, limit=1 << 30):
@@ -244,7 +261,7 @@ def accuracies(model, fixed, split, dtype, world):
     for name, subnet in fixed.items():
         result = evaluate(model, split, subnet if isinstance(model, Supernet) else None, dtype)
         counts = torch.tensor([result["top1"] * result["images"] / 100, result["images"]], dtype=torch.float64,
-                              device=model.pos_embed.device)  # NCCL reduces GPU tensors only
+                              device=next(model.parameters()).device)  # NCCL reduces GPU tensors only
         if world > 1:
             dist.all_reduce(counts)
         top1[name] = 100 * counts[0].item() / max(counts[1].item(), 1)
@@ -289,6 +306,9 @@ def check_config(cfg, device, ckpt_path):
         raise ValueError("--dtype fp16 needs a GPU: CPU autocast to fp16 is slow and needs loss scaling; use bf16")
     if cfg.subnet and (cfg.init or cfg.sandwich):
         raise ValueError("--subnet trains one fixed subnet: --init and --sandwich are for supernets (use --inherit)")
+    if cfg.subnet and cfg.sharing != "entangled":
+        raise ValueError(f"--sharing {cfg.sharing}: --subnet trains one standalone AutoFormer, which shares no weights "
+                         "(--inherit reads the sharing its supernet checkpoint records)")
     if cfg.inherit and not cfg.subnet:
         raise ValueError("--inherit takes the weights of the subnet named by --subnet")
     if not 0 < cfg.minival < 1:
@@ -350,12 +370,13 @@ class Run:
         if self.rank > 0:
             return
         cfg, out = self.cfg, Path(self.cfg.out)
+        kind = {"subnet": json.loads(self.fixed["subnet"].to_json())} if cfg.subnet else {"sharing": self.model.sharing}
         checkpoint = {"model": self.model.state_dict(), "space": dataclasses.asdict(self.space), "data": self.record,
                       "step": self.step, "epoch": self.step // len(self.loaders.train),
                       "optimizer": self.opt.state_dict(), "scheduler": self.schedule,
                       "scaler": self.scaler.state_dict(), "config": dataclasses.asdict(cfg),
                       "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "history": self.history,
-                      **({"subnet": json.loads(self.fixed["subnet"].to_json())} if cfg.subnet else {})}
+                      **kind}
         write_atomic(self.ckpt_path, lambda f: torch.save(checkpoint, f))
         write_atomic(out / "curves.png", lambda f: plot.training_curves(self.history).save(f, "PNG"))
 
@@ -367,6 +388,7 @@ def prepare(cfg, typed, rank, world, device):
     check_config(cfg, device, ckpt_path)
     root, dataset = load_data(cfg, state, ckpt_path, rank, world)
     model, space, fixed = build_model(cfg, state, len(dataset.class_names))
+    cfg = init_sharing(cfg, typed, model)
     model.to(device)
     loaders = data.build_loaders(dataset, space.img_size, cfg.batch_size, seed=cfg.seed, minival_fraction=cfg.minival,
                                  minival_indices=state["data"]["minival"]["indices"] if state else None,
@@ -410,7 +432,7 @@ def restore(run, state):
 def announce(run):
     """The first line: what is trained, on what, how."""
     cfg, record, held = run.cfg, run.record, len(run.loaders.minival_indices)
-    kind = f"subnet {run.fixed['subnet'].to_json()}" if cfg.subnet else f"supernet of space {cfg.space}"
+    kind = f"subnet {run.fixed['subnet'].to_json()}" if cfg.subnet else f"{cfg.sharing} supernet of space {cfg.space}"
     params = sum(p.numel() for p in run.model.parameters())
     resuming = f", resuming at step {run.step}" if run.step else ""
     print(f"training the {kind} ({params / 1e6:.2f} M parameters) on {record['kind']} {record['root']}: "

@@ -1,5 +1,6 @@
 """Tests for data.py: readers, validation errors, the synthetic set, minival split, transforms,
 Mixup/CutMix and the loaders. Every fixture is a few tiny images written into tmp_path."""
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -244,6 +245,14 @@ def test_folder_without_marker_is_not_taken_as_a_finished_set(tmp_path, syntheti
         data.ensure_synthetic(tmp_path / "half")
     with pytest.raises(DataError, match="holds a synthetic set made with"):
         data.ensure_synthetic(synthetic_root, seed=3, n_train=41, n_val=20)
+    marker = synthetic_root / data.SYNTHETIC_MARKER
+    made = json.loads(marker.read_text())
+    try:  # a set of another version of the generator: its images are not this version's
+        marker.write_text(json.dumps(dict(made, version=made["version"] - 1)))
+        with pytest.raises(DataError, match="delete the folder and it is made again"):
+            data.ensure_synthetic(synthetic_root, seed=3, n_train=40, n_val=20)
+    finally:
+        marker.write_text(json.dumps(made, indent=1))
 
 # ----------------------------------------------------------------------------- minival split
 

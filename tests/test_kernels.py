@@ -19,7 +19,7 @@ import aot
 import attention
 import kernels
 import launch
-from supernet import SPACES, Supernet
+from supernet import SHARINGS, SPACES, Supernet
 
 DEVICE = "cpu" if launch.INTERPRETED else "cuda"
 on_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device: the interpreter would take hours")
@@ -237,9 +237,9 @@ def run_supernet(model, images, subnet, backend, monkeypatch, autocast=False):
     return logits.float(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def supernet_and_images(seed, space=SMALL, batch=2):
+def supernet_and_images(seed, space=SMALL, batch=2, sharing="entangled"):
     torch.manual_seed(seed)
-    model = Supernet(space).to(DEVICE)
+    model = Supernet(space, sharing=sharing).to(DEVICE)
     return model, torch.randn(batch, 3, space.img_size, space.img_size, device=DEVICE)
 
 
@@ -249,10 +249,10 @@ def fp32_convolutions(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_supernet_triton_matches_torch(seed, monkeypatch, fp32_convolutions):
-    model, images = supernet_and_images(seed)
-    subnet = SMALL.sample(random.Random(seed))
+@pytest.mark.parametrize("sharing", SHARINGS)
+def test_supernet_triton_matches_torch(sharing, monkeypatch, fp32_convolutions):
+    model, images = supernet_and_images(0, sharing=sharing)
+    subnet = SMALL.sample(random.Random(0))
     logits, grads = run_supernet(model, images, subnet, "triton", monkeypatch)
     ref_logits, ref_grads = run_supernet(model, images, subnet, "torch", monkeypatch)
     close(logits, ref_logits, torch.float32, "logits")

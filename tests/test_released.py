@@ -278,7 +278,8 @@ def test_a_missing_or_wrong_space_is_named(tiny_file, tmp_path, capsys):
           "an official checkpoint records no data set: name ImageNet's folder")
     for split in ("train", "val"):
         write_jpeg(tmp_path / "one" / split / "a" / "0.jpg", (32, 32), 0)
-    fails(train.main, ["--subnet", "autoformer-t", "--inherit", str(tiny_file), "--data", str(tmp_path / "one")],
+    fails(train.main, ["--subnet", "autoformer-t", "--inherit", str(tiny_file), "--data", str(tmp_path / "one"),
+                       "--out", str(tmp_path / "t")],
           capsys, "needs (1, 1, 128): not a supernet of --space cpu; its shapes are those of --space tiny")
 
 

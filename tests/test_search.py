@@ -51,7 +51,20 @@ def known_fitness(subnet):
 
 
 def synthetic(subnets, generation):
-    return [known_fitness(s) for s in subnets]
+    return [{"top1": known_fitness(s), "loglik": known_fitness(s)} for s in subnets]
+
+
+def test_the_configured_score_ranks_the_subnets():
+    """--fitness names the score that picks the parents: the other one is carried, never used."""
+    def swapped(subnets, generation):
+        return [{"top1": -known_fitness(s), "loglik": known_fitness(s)} for s in subnets]
+
+    cfg, admissible = config(population=12, generations=4, fitness="top1"), inside(300e3, 700e3)
+    by_top1 = search.run_search(SPACES["cpu"], synthetic, admissible, cfg)
+    by_loglik = search.run_search(SPACES["cpu"], swapped, admissible, dataclasses.replace(cfg, fitness="loglik"))
+    assert [r["subnet"] for r in by_top1] == [r["subnet"] for r in by_loglik]
+    by_other = search.run_search(SPACES["cpu"], swapped, admissible, cfg)  # ranks by the negated top-1
+    assert [r["subnet"] for r in by_other] != [r["subnet"] for r in by_top1]
 
 
 def inside(lo, hi):
@@ -130,15 +143,16 @@ def test_scoring_threads_end_with_their_round():
 
 def test_search_writes_its_results(checkpoint, tmp_path):
     out = tmp_path / "run"
-    summary = search.search(config(checkpoint=str(checkpoint), out=str(out), params=":1M"))
+    summary = search.search(config(checkpoint=str(checkpoint), out=str(out), params=":1M", fitness="loglik"))
     rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
     assert len(rows) == 32 and len({json.dumps(r["subnet"]) for r in rows}) == 32
-    assert set(rows[0]) == {"subnet", "params", "flops", "top1", "generation"}
+    assert set(rows[0]) == {"subnet", "params", "flops", "top1", "loglik", "generation"}
+    assert all(r["loglik"] < 0 for r in rows)  # the mean log-probability of the right class
     best = Subnet.from_json((out / "best.json").read_text())
-    assert max(r["top1"] for r in rows) == summary["best"]["top1"] and best == Subnet(**summary["best"]["subnet"])
+    assert max(r["loglik"] for r in rows) == summary["best"]["loglik"] and best == Subnet(**summary["best"]["subnet"])
     front = json.loads((out / "pareto.json").read_text())
-    assert all(a["params"] < b["params"] and a["top1"] < b["top1"] for a, b in zip(front, front[1:]))
-    assert front[-1]["top1"] == summary["best"]["top1"] and 0 <= summary["best"]["val_top1"] <= 100
+    assert all(a["params"] < b["params"] and a["loglik"] < b["loglik"] for a, b in zip(front, front[1:]))
+    assert front[-1]["loglik"] == summary["best"]["loglik"] and 0 <= summary["best"]["val_top1"] <= 100
     assert Image.open(out / "search.png").size == (960, 600)
     assert json.loads((out / "state.json").read_text())["result"]["scored"] == 32
 

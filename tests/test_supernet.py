@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoformer import AutoFormer, export, extract, load_exported
+from autoformer import AutoFormer, evaluate, export, extract, load_exported
 from cli import write_atomic
 from kernels import relative_attention
 from supernet import (AUTOFORMER_B, AUTOFORMER_S, AUTOFORMER_T, SPACES, CheckpointError, Subnet, Supernet,
@@ -187,6 +187,8 @@ def test_gradient_step_changes_only_the_used_slices():
     only_block(changed["blocks.0.attn.rel_pos_embed_k.embeddings_table_v"], 2 * 2 + 2, D)
     only_block(changed["head.weight"], space.num_classes, E)
     only_block(changed["pos_embed"], 1, space.num_patches + 1, E)
+    only_block(changed["cls_token"], 1, 1, E)
+    only_block(changed["patch_embed_super.proj.weight"], E)
     assert not any(mask.any() for n, mask in changed.items() if n.startswith("blocks.2."))
 
 
@@ -266,9 +268,10 @@ def test_bad_subnet_json_and_lengths():
 
 def test_initialisation_is_the_official_one():
     """Linear weights, tokens and tables ~ N(0, 0.02); linear biases 0; LayerNorms identity; the
-    patch conv left at PyTorch's default (the official _init_weights skips it, bias included)."""
+    patch conv left at PyTorch's default (the official _init_weights skips it, bias included). Every
+    choice's own tensors of a classical supernet alike."""
     torch.manual_seed(0)
-    for model in (Supernet(SMALL), AutoFormer(SMALL, SMALL.largest())):
+    for model in (Supernet(SMALL), Supernet(SMALL, sharing="classical"), AutoFormer(SMALL, SMALL.largest())):
         for name, p in model.named_parameters():
             if "patch_embed" in name:
                 bound = (SMALL.in_chans * SMALL.patch_size**2) ** -0.5  # nn.Conv2d's default: U(-bound, bound)
@@ -279,6 +282,17 @@ def test_initialisation_is_the_official_one():
                 assert torch.all(p == 0), name
             else:
                 assert 0.012 < p.std() < 0.03, name
+
+
+def test_evaluate_reports_the_mean_log_likelihood_of_the_right_class():
+    torch.manual_seed(0)
+    model, subnet = Supernet(SMALL).eval(), SMALL.largest()
+    images, labels = torch.randn(10, 3, SMALL.img_size, SMALL.img_size), torch.randint(0, SMALL.num_classes, (10,))
+    result = evaluate(model, (images, labels), subnet, batch_size=4)  # three chunks, summed
+    with torch.no_grad():
+        logits = model(images, subnet)
+    assert result["loglik"] == pytest.approx(-F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert result["top1"] == pytest.approx(100 * (logits.argmax(-1) == labels).float().mean().item())
 
 
 def test_training_right_after_an_evaluation_in_inference_mode():
