@@ -105,7 +105,8 @@ def extract(supernet, subnet):
         (attn_norm, attn), (ffn_norm, fc1, fc2) = sup.weights(E, heads, ratio)
         d = heads * D
         # Interleaved rows 3j+t become row t*d + j; the bias was contiguous all along.
-        rows = attn.qkv.weight[: 3 * d, :E].view(d, 3, E).transpose(0, 1).reshape(3 * d, E)  # [q; k; v]
+        # (d, 3, E) -> (3, d, E) -> (3d, E): the rows in [q; k; v] order
+        rows = attn.qkv.weight[: 3 * d, :E].view(d, 3, E).transpose(0, 1).reshape(3 * d, E)
         block.qkv.weight.copy_(rows)
         take(block.qkv.bias, attn.qkv.bias, 3 * d)
         for mine, theirs in ((block.rel_pos_k, attn.rel_pos_embed_k), (block.rel_pos_v, attn.rel_pos_embed_v)):
@@ -151,7 +152,7 @@ def evaluate(model, data, subnet=None, dtype=None, batch_size=1000):
             logits = model(images, subnet) if subnet is not None else model(images)
         found = (logits.topk(k, dim=-1).indices == labels[:, None]).cumsum(-1).clamp(max=1)  # (B, k)
         hits += found.sum(0)  # hits[j]: labels within the top j+1; stays on the device, no sync
-        loglik += logits.float().log_softmax(-1).gather(1, labels[:, None]).sum()
+        loglik += logits.float().log_softmax(-1).gather(1, labels[:, None]).sum()  # of the (B, 1) right classes
         n += len(labels)
     model.train(was_training)
     result = {"top1": 100.0 * hits[0].item() / max(n, 1), "loglik": loglik.item() / max(n, 1), "images": n}

@@ -65,6 +65,7 @@ import data
 import launch
 import search
 from cli import config_parser, load_split, write_atomic
+from reproduce import spearman_rho
 from supernet import SPACES, SearchSpace, Subnet, Supernet, count_flops, count_params, load_checkpoint, load_supernet
 
 SPACE_NAMES = ("tiny", "small", "base")
@@ -486,19 +487,6 @@ def section_loader(cfg, impls, results):
     return rows
 
 
-def spearman(a, b):
-    """Spearman's rank correlation of two 1-D arrays, ties given their mean rank."""
-    def ranks(x):
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x), dtype=float)
-        for value in np.unique(x):  # ties: the mean of their ranks
-            r[x == value] = r[x == value].mean()
-        return r
-    ra, rb = ranks(np.asarray(a)), ranks(np.asarray(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def val_scores(supernet, subnet, images, labels, batch=500):
     """(2, images): 1.0 where `subnet` classifies the image right, else 0.0; and the log-probability
     it gives the right class."""
@@ -536,7 +524,7 @@ def section_ranking(cfg, impls, results):
             for n in (250, 500, 1000):
                 pairs = [torch.randperm(len(labels), generator=generator)[:2 * n] for _ in range(20)]
                 for k, score in enumerate(("top1", "loglik")):
-                    rho = statistics.mean(spearman(scores[:, k, p[:n]].mean(1).numpy(),
+                    rho = statistics.mean(spearman_rho(scores[:, k, p[:n]].mean(1).numpy(),
                                                    scores[:, k, p[n:]].mean(1).numpy()) for p in pairs)
                     results["ranking"][name][f"spearman_{score}_n{n}"] = rho
                     rows.append((f"ranking: Spearman, {len(subnets)} of {name}, n={n}, {score}", rho, None, None))

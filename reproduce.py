@@ -12,10 +12,10 @@ space with the recipe of `python train.py`:
   (d) the searched winner beats a hand-designed subnet (one MLP ratio and head count throughout,
       as ViT and DeiT) of its size, both retrained with three seeds.
 
-    python reproduce.py                        # about 1 h 30 min on 2 CPU cores (printed at the start)
-    python reproduce.py --jobs 1               # one job at a time: the same numbers, about 3 h
+    python reproduce.py                        # planned at 1 h 29 min on 2 CPU cores (printed at the start)
+    python reproduce.py --jobs 1               # one job at a time: the same numbers, planned at 3 h
     python reproduce.py --resume               # continue after a kill: finished jobs are skipped
-    python reproduce.py --quick --out /tmp/r   # every code path on a tiny set, in about a minute
+    python reproduce.py --quick --out /tmp/r   # every code path on a tiny set, in under a minute
     python reproduce.py --data ~/cifar-10-batches-py --out out/reproduce-cifar
 
 The protocol (subnets, seeds, budgets, the rules that pick the winner's comparisons, the jobs each
@@ -96,8 +96,9 @@ PRIOR_MACS_PER_S = 4.6e10
 THREADS_PER_JOB = 1
 PAPER = {  # the paper's ImageNet top-1 (%)
     "a": {"entangled": "81.3-81.7 %", "classical": "69.7-71.5 %"},  # supernet-S, inherited weights
-    "b": {"AutoFormer-T": (74.7, 74.9), "AutoFormer-S": (81.7, 81.7), "AutoFormer-B": (82.4, 82.6)},  # (inherited,
-}                                                                                                     # retrained)
+    # (inherited, retrained)
+    "b": {"AutoFormer-T": (74.7, 74.9), "AutoFormer-S": (81.7, 81.7), "AutoFormer-B": (82.4, 82.6)},
+}
 
 # ----------------------------------------------------------------------------- the protocol
 
@@ -321,8 +322,11 @@ def open_out(cfg, typed):
     if not path.is_file():
         raise ValueError(f"{path}: missing, so {out} holds no plan to continue: delete {out} and start afresh "
                          "without --resume")
-    results = json.loads(path.read_text())
-    recorded = ReproduceConfig(**results["plan"]["config"])
+    try:
+        results = json.loads(path.read_text())
+        recorded = ReproduceConfig(**results["plan"]["config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not the results of a reproduction by this reproduce.py ({e})") from None
     refuse_changed_settings(cfg, recorded, typed - set(RUNTIME_FIELDS), path)
     return dataclasses.replace(recorded, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS}), results
 
@@ -410,7 +414,9 @@ def wait_any(running):
 
 def failure(out, job, code):
     log = out / job["id"] / "log.txt"
-    tail = "\n".join("    " + line for line in log.read_text(errors="replace").splitlines()[-15:])
+    lines = log.read_text(errors="replace").splitlines()[-15:] if log.is_file() else ["(no log: the process died "
+                                                                                       "before it began one)"]
+    tail = "\n".join("    " + line for line in lines)
     return (f"job {job['id']} ({job['what']}) failed with exit code {code}; the last lines of {log}:\n{tail}\n"
             f"no job starts after it; fix the cause and continue with --resume")
 
@@ -685,7 +691,8 @@ def write_report(out, results):
     picture = plot.agreement_scatter(points, "retrained from scratch: val top-1 (%)", "inherited: val top-1 (%)",
                                      f"{len(r['b']['rows'])} subnets, inherited weights against retrained")
     write_atomic(out / "inherited_vs_retrained.png", lambda f: picture.save(f, "PNG"))
-    text = "\n\n".join([report_head(plan), table_a(plan, r["a"]), table_b(r["b"]), table_c(r["c"]), table_d(r["d"])])
+    text = "\n\n".join([report_head(plan), table_a(plan, r["a"]), table_b(r["b"], plan["bootstrap"]), table_c(r["c"]),
+                         table_d(r["d"])])
     write_atomic(out / "results.md", text + "\n")
     print(f"results: {out / 'results.md'}, results.json, losses.png, inherited_vs_retrained.png", flush=True)
 
@@ -697,7 +704,8 @@ def report_head(plan):
             f"results.json. Top-1: the whole val split ({d['val_images']} images), fp32. Every training follows "
             f"`python train.py`'s recipe ({recipe['epochs']} epoch(s) of {d['steps_per_epoch']} steps, batch "
             f"{recipe['batch_size']}, {recipe['dtype']}), every search search.py's settings "
-            f"({s['generations'] + 1} generations of {s['population']}). The paper's figures are ImageNet's.")
+            f"({s['generations'] + 1} generations of {s['population']}, fitness {s['fitness']}; the paper ranks by "
+            "top-1). The paper's figures are ImageNet's.")
 
 
 def table_a(plan, a):
@@ -722,7 +730,7 @@ def table_a(plan, a):
                       "and activations), after a warm-up step; the process's RSS high-water mark over that step."])
 
 
-def table_b(b):
+def table_b(b, boot):
     lines = ["## (b) Inherited weights against retraining from scratch", "",
              "| subnet | params | inherited, entangled | inherited, classical | retrained |", "|---|---|---|---|---|"]
     for name, row in b["rows"].items():
@@ -731,8 +739,8 @@ def table_b(b):
                      f"| {row['retrained']:.2f} % |")
     paper = PAPER["b"].values()
     lines += ["", "| inherited against retrained | entangled | classical | paper (T, S, B) |", "|---|---|---|---|"]
-    for key, label in (("kendall_tau_b", "Kendall's tau-b [95 % bootstrap interval]"),
-                       ("spearman_rho", "Spearman's rho [95 % bootstrap interval]")):
+    for key, label in (("kendall_tau_b", f"Kendall's tau-b [{boot['level']} % bootstrap interval]"),
+                       ("spearman_rho", f"Spearman's rho [{boot['level']} % bootstrap interval]")):
         cells = [f"{b[s][key]['value']:.3f} [{b[s][key]['interval'][0]:.2f}, {b[s][key]['interval'][1]:.2f}]"
                  for s in SHARINGS]
         lines.append(f"| {label} | {' | '.join(cells)} | |")
@@ -743,7 +751,8 @@ def table_b(b):
               f"{b['classical']['max_abs_gap']:.2f} | {max(gaps):.2f} |", "",
               f"Subnets: the smallest, middle and largest, qkof6 the one at k/6 of {POOL} drawn with the seed ranked "
               "by parameters (or past it, the first not chosen already), all fixed before the run, and the entangled "
-              "search's winner. Points, percent. Intervals: 2,000 resamples of the subnets with replacement, "
+              f"search's winner. Points, percent. Intervals: {boot['resamples']:,} resamples of the subnets with "
+              "replacement, "
               "percentiles; resamples in which every subnet drawn ties are skipped. Picture: "
               "inherited_vs_retrained.png."]
     return "\n".join(lines)

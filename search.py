@@ -2,6 +2,8 @@
 
 Every subnet inherits its weights from the supernet, so scoring one is a single inference pass
 over the held-out split ("minival", train images that training never used): no retraining. The
+fitness that ranks them is the mean log-probability of the right class (--fitness loglik), which
+ranks them far more consistently than top-1 (--fitness top1, the paper's and the official code's). The
 evolution of the paper (and of the official evolution.py): 50 random subnets, then 20 generations,
 each taking the 10 best subnets found so far as parents, making 25 mutations and 25 crossovers of
 them and refilling the population of 50 with random subnets: 1,050 subnets scored in all.
@@ -15,10 +17,11 @@ them and refilling the population of 50 with random subnets: 1,050 subnets score
     python search.py --checkpoint supernet-tiny.pth --space tiny --data IMAGENET --params 5.5M:6M
 
 A released supernet (supernet-tiny.pth, ...) records neither its space (--space names it) nor a
-held-out split. Its subnets are ranked as the official code ranks them: on --fitness-per-class
-images of each class drawn from IMAGENET/train with --seed (100 in the official code), or on the
-folder --fitness-data names. These are images the supernet was trained on, unlike the held-out
-split of this repository's checkpoints: the ranking is the official one, not an unbiased one.
+held-out split. Its subnets are ranked on the images the official code ranks them on (with
+--fitness top1, by its score too): --fitness-per-class images of each class drawn from
+IMAGENET/train with --seed (100 in the official code), or the folder --fitness-data names. These
+are images the supernet was trained on, unlike the held-out split of this repository's
+checkpoints: the ranking is the official one, not an unbiased one.
 The winner is reported on IMAGENET/val.
 
 Writes OUT (default: the checkpoint's folder/search): candidates.jsonl (every scored subnet),
@@ -46,7 +49,7 @@ from autoformer import evaluate, extract
 from cli import (checkpoint_space, decode_crops, is_official, load_split, official_split, open_supernet, parse_config,
                  refuse_changed_settings, refuse_official_flags, val_batches, write_atomic)
 from data import DataError, draw_per_class
-from supernet import Subnet, Supernet, count_flops, count_params, load_checkpoint
+from supernet import Subnet, count_flops, count_params, load_checkpoint
 
 
 @dataclass
@@ -60,8 +63,8 @@ class SearchConfig:
     algorithm: str = field(default="evolution", metadata={"help": "the same number of subnets scored either way",
                                                           "choices": ("evolution", "random")})
     fitness: str = field(default="loglik", metadata={"help": "what ranks the subnets on the held-out images: the mean "
-                                                             "log-probability of the right class (it ranks them far more "
-                                                             "consistently) or top-1 (the paper's)",
+                                                             "log-probability of the right class (it ranks them far "
+                                                             "more consistently) or top-1 (the paper's)",
                                                      "choices": ("loglik", "top1")})
     params: str = field(default="", metadata={"help": "MIN:MAX parameters, e.g. 0.4M:0.6M or :600K; empty: 25%%-45%% "
                                                       "of the way from the space's smallest subnet to its largest"})
@@ -337,6 +340,7 @@ def resume_settings(cfg, typed, out):
     try:
         state = json.loads(state_path.read_text())
         recorded, _ = SearchConfig(**state["config"]), state["checkpoint_sha256"]  # both must be there
+        state["config"]["fitness"]  # a search that records no fitness ranked by another rule
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{state_path}: not the state of a search by this search.py ({e})") from None
     refuse_changed_settings(cfg, recorded, typed - {*RUNTIME_FIELDS, "checkpoint"}, state_path)
@@ -430,6 +434,10 @@ class SearchFiles:
                 self.save_state(0)
         self.latency = latency_check(supernet, self.cfg, self.out / "latency.jsonl", self.rank, world)
         self.start_time, self.scored_before = time.time(), len(records)
+        for i, r in enumerate(records):
+            if "top1" not in r or "loglik" not in r:
+                raise ValueError(f"{self.log_path}: line {i + 1} lacks its top1 or loglik score: start afresh without "
+                                 "--resume")
         return records, {Subnet(**r["subnet"]): {"top1": r["top1"], "loglik": r["loglik"]} for r in records}
 
     def save_state(self, generations_done, **extra):

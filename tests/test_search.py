@@ -257,6 +257,24 @@ def test_resume_scores_with_the_recorded_checkpoint_and_refuses_another(checkpoi
     assert json.loads((tmp_path / "s" / "state.json").read_text())["config"]["checkpoint"] == "moved.pt"
 
 
+def test_resume_refuses_a_search_that_records_no_fitness_or_scores_without_it(checkpoint, tmp_path, capsys):
+    """A search ranked by another rule than --fitness, or whose rows lack a score, cannot go on."""
+    out = tmp_path / "s"
+    search.search(config(checkpoint=str(checkpoint), params=":1M", out=str(out)))
+    state, rows = json.loads((out / "state.json").read_text()), (out / "candidates.jsonl").read_text()
+    del state["config"]["fitness"]
+    (out / "state.json").write_text(json.dumps(state))
+    fails(search.main, ["--resume", "--out", str(out)], capsys, "state.json: not the state of a search by this "
+          "search.py ('fitness')")
+    state["config"]["fitness"] = "loglik"
+    (out / "state.json").write_text(json.dumps(state))
+    lines = rows.splitlines()
+    lines[2] = json.dumps({k: v for k, v in json.loads(lines[2]).items() if k != "loglik"})
+    (out / "candidates.jsonl").write_text("\n".join(lines) + "\n")
+    fails(search.main, ["--resume", "--out", str(out)], capsys, "candidates.jsonl: line 3 lacks its top1 or loglik "
+          "score: start afresh without --resume")
+
+
 def test_exported_model_equals_the_supernet(checkpoint, tmp_path):
     subnet = Subnet(24, [2.0, 1.0], [2, 1])
     (tmp_path / "best.json").write_text(subnet.to_json())
