@@ -272,4 +272,6 @@ def progress(batches, total, what, every=10.0):
 
 
 def clock(seconds):
-    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+    """m:ss, or h:mm:ss from an hour on."""
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -56,7 +56,7 @@ import plot
 import search
 import train
 from autoformer import evaluate
-from cli import load_split, parse_config, refuse_changed_settings, write_atomic
+from cli import clock, load_split, parse_config, refuse_changed_settings, write_atomic
 from supernet import (SHARINGS, SPACES, SearchSpace, Subnet, Supernet, count_flops, count_params, load_checkpoint,
                       load_supernet)
 
@@ -270,7 +270,7 @@ def reproduce(cfg, typed=frozenset()):
         save(out, results)
     plan, done = results["plan"], results["jobs"]
     announce(out, plan, done, cfg.jobs)
-    running, failures, started, clock = {}, [], 0, time.time()  # running: job id -> Running
+    running, failures, started, began = {}, [], 0, time.time()  # running: job id -> Running
     try:
         while True:
             # fill the free slots with the first jobs in plan order whose inputs are done; none after a failure
@@ -280,7 +280,7 @@ def reproduce(cfg, typed=frozenset()):
                     break
                 running[job["id"]] = start_job(out, job)
                 started += 1
-                progress(plan, done, cfg.jobs, job, f"started ({len(running)} running)", clock)
+                progress(plan, done, cfg.jobs, job, f"started ({len(running)} running)", began)
             if not running:
                 break
             child = running.pop(wait_any(running))
@@ -291,7 +291,7 @@ def reproduce(cfg, typed=frozenset()):
                 continue
             done[job["id"]] = dict(json.loads((out / job["id"] / "record.json").read_text()), seconds=seconds)
             save(out, results)  # a kill from here on loses nothing of this job
-            progress(plan, done, cfg.jobs, job, f"done in {hours(seconds)}", clock)
+            progress(plan, done, cfg.jobs, job, f"done in {clock(seconds)}", began)
     finally:
         stop(running)  # left only by an exception here (Ctrl-C): the jobs resume with --resume
     if failures:
@@ -346,22 +346,17 @@ def eta(plan, done, slots):
     return sum(job["cost"] for job in plan["jobs"] if job["id"] not in done) / (rate * slots)
 
 
-def hours(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def announce(out, plan, done, slots):
     planned = plan["planned_macs"] / (PRIOR_MACS_PER_S * slots)
     print(f"reproduction in {out}: {len(plan['jobs'])} jobs, {len(done)} done, {slots} at "
           f"once, each a process of {plan['threads_per_job']} thread; planned {plan['planned_macs']:.2e} MACs, about "
-          f"{hours(planned)} on the README's 2-core machine; left: {hours(eta(plan, done, slots))}", flush=True)
+          f"{clock(planned)} on the README's 2-core machine; left: {clock(eta(plan, done, slots))}", flush=True)
 
 
-def progress(plan, done, slots, job, event, clock):
+def progress(plan, done, slots, job, event, began):
     i = next(i for i, j in enumerate(plan["jobs"], 1) if j["id"] == job["id"])
-    print(f"==> job {i}/{len(plan['jobs'])} {event}: {job['what']}  elapsed {hours(time.time() - clock)}  "
-          f"eta {hours(eta(plan, done, slots))}", flush=True)
+    print(f"==> job {i}/{len(plan['jobs'])} {event}: {job['what']}  elapsed {clock(time.time() - began)}  "
+          f"eta {clock(eta(plan, done, slots))}", flush=True)
 
 # ----------------------------------------------------------------------------- the jobs' processes
 
