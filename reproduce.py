@@ -12,7 +12,7 @@ space with the recipe of `python train.py`:
   (d) the searched winner beats a hand-designed subnet (one MLP ratio and head count throughout,
       as ViT and DeiT) of its size, both retrained with three seeds.
 
-    python reproduce.py                        # planned at 1 h 29 min on 2 CPU cores (printed at the start)
+    python reproduce.py                        # 2 CPU cores: planned at 1 h 29 min, took 1 h 52 min
     python reproduce.py --jobs 1               # one job at a time: the same numbers, planned at 3 h
     python reproduce.py --resume               # continue after a kill: finished jobs are skipped
     python reproduce.py --quick --out /tmp/r   # every code path on a tiny set, in under a minute
@@ -709,7 +709,8 @@ def table_a(plan, a):
             ("weights + AdamW state (MiB)", *(f"{x['memory']['state_mib']:.1f}" for x in (e, c))),
             ("a training step's rise in RSS (MiB)", *(f"{x['memory']['step_mib']:.0f}" for x in (e, c))),
             ("the process's peak RSS (MiB)", *(f"{x['memory']['process_peak_mib']:.0f}" for x in (e, c))),
-            ("training loss, mean of the last 5 logged", *(f"{x['final_loss']:.3f}" for x in (e, c)))]
+            (f"training loss, mean of the last {5 * plan['recipe']['log_every']} steps",  # 5 progress lines
+             *(f"{x['final_loss']:.3f}" for x in (e, c)))]
     rows += [(f"{n} subnet, inherited", f"{e['val_top1'][n]:.2f} %", f"{c['val_top1'][n]:.2f} %")
              for n in ("smallest", "middle", "largest")]
     rows += [("its own search's winner, inherited", f"{e['val_top1']['winner']:.2f} % "
