@@ -271,6 +271,8 @@ def reproduce(cfg, typed=frozenset()):
     plan, done = results["plan"], results["jobs"]
     announce(out, plan, done, cfg.jobs)
     running, failures, started, began = {}, [], 0, time.time()  # running: job id -> Running
+    part = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0}  # this invocation's share of the
+    # wall time, kept in results.json's "runs" once it starts a job
     try:
         while True:
             # fill the free slots with the first jobs in plan order whose inputs are done; none after a failure
@@ -279,12 +281,15 @@ def reproduce(cfg, typed=frozenset()):
                 if job is None:
                     break
                 running[job["id"]] = start_job(out, job)
+                if not started:
+                    results.setdefault("runs", []).append(part)
                 started += 1
                 progress(plan, done, cfg.jobs, job, f"started ({len(running)} running)", began)
             if not running:
                 break
             child = running.pop(wait_any(running))
             job, seconds = child.job, time.time() - child.start
+            part["seconds"] = time.time() - began
             if child.process.exitcode:  # the others finish and are recorded; then the run stops
                 failures.append(failure(out, job, child.process.exitcode))
                 print(failures[-1], flush=True)
@@ -294,6 +299,9 @@ def reproduce(cfg, typed=frozenset()):
             progress(plan, done, cfg.jobs, job, f"done in {clock(seconds)}", began)
     finally:
         stop(running)  # left only by an exception here (Ctrl-C): the jobs resume with --resume
+        part["seconds"] = time.time() - began
+        if started:
+            save(out, results)
     if failures:
         raise JobFailed("\n".join(failures))
     if len(done) < len(plan["jobs"]):
@@ -686,21 +694,23 @@ def write_report(out, results):
     picture = plot.agreement_scatter(points, "retrained from scratch: val top-1 (%)", "inherited: val top-1 (%)",
                                      f"{len(r['b']['rows'])} subnets, inherited weights against retrained")
     write_atomic(out / "inherited_vs_retrained.png", lambda f: picture.save(f, "PNG"))
-    text = "\n\n".join([report_head(plan), table_a(plan, r["a"]), table_b(r["b"], plan["bootstrap"]), table_c(r["c"]),
-                         table_d(r["d"])])
+    text = "\n\n".join([report_head(plan, results["runs"]), table_a(plan, r["a"]), table_b(r["b"], plan["bootstrap"]),
+                         table_c(r["c"]), table_d(r["d"])])
     write_atomic(out / "results.md", text + "\n")
     print(f"results: {out / 'results.md'}, results.json, losses.png, inherited_vs_retrained.png", flush=True)
 
 
-def report_head(plan):
+def report_head(plan, runs):
     d, recipe, s = plan["data"], plan["recipe"], plan["search"]
+    wall = sum(run["seconds"] for run in runs)
     return (f"# AutoFormer's claims, measured: {d['kind']} {d['root']}, space {plan['space']}, seed "
             f"{plan['config']['seed']}\n\nWritten by `python reproduce.py`; the plan and every number are in "
             f"results.json. Top-1: the whole val split ({d['val_images']} images), fp32. Every training follows "
             f"`python train.py`'s recipe ({recipe['epochs']} epoch(s) of {d['steps_per_epoch']} steps, batch "
             f"{recipe['batch_size']}, {recipe['dtype']}), every search search.py's settings "
             f"({s['generations'] + 1} generations of {s['population']}, fitness {s['fitness']}; the paper ranks by "
-            "top-1). The paper's figures are ImageNet's.")
+            f"top-1). The paper's figures are ImageNet's. Wall time: {clock(wall)}, in {len(runs)} part(s) "
+            f"(results.json's \"runs\": one per invocation that ran a job).")
 
 
 def table_a(plan, a):

@@ -338,6 +338,8 @@ def test_the_results_agree_with_the_jobs_records(quick):
         assert r["d"][name]["val_top1"] == top1 and r["d"][name]["std"] == pytest.approx(statistics.stdev(top1))
     text = (out / "results.md").read_text()
     assert all(f"## ({claim})" in text for claim in "abcd") and "81.3-81.7 %" in text
+    assert len(results["runs"]) == 3 and all(run["seconds"] > 0 for run in results["runs"])  # --max-jobs, failed, rest
+    assert f"Wall time: {reproduce.clock(sum(run['seconds'] for run in results['runs']))}, in 3 part(s)" in text
     assert Image.open(out / "losses.png").size == (720, 420)
     assert Image.open(out / "inherited_vs_retrained.png").size == (600, 600)
 
