@@ -710,7 +710,7 @@ def report_head(plan, runs):
             f"{recipe['batch_size']}, {recipe['dtype']}), every search search.py's settings "
             f"({s['generations'] + 1} generations of {s['population']}, fitness {s['fitness']}; the paper ranks by "
             f"top-1). The paper's figures are ImageNet's. Wall time: {clock(wall)}, in {len(runs)} part(s) "
-            f"(results.json's \"runs\": one per invocation that ran a job).")
+            "(results.json's \"runs\": one per invocation that ran a job).")
 
 
 def table_a(plan, a):
