@@ -150,7 +150,7 @@ def test_hand_designed_is_the_uniform_subnet_closest_in_parameters_ties_to_the_s
     for E, depth, ratio, heads in itertools.product(SPACE.embed_dims, SPACE.depths, SPACE.mlp_ratios, SPACE.num_heads):
         other = count_params(SPACE, Subnet(E, [ratio] * depth, [heads] * depth))
         assert abs(other - goal) > abs(found - goal) or (abs(other - goal) == abs(found - goal) and other >= found)
-    uniform = Subnet(96, [3.0] * 5, [3] * 5)
+    uniform = Subnet(96, [2.0] * 4, [2] * 4)
     assert reproduce.hand_designed(SPACE, uniform) == uniform
 
 # ----------------------------------------------------------------------------- quick reproductions

@@ -48,9 +48,9 @@ def choice_names(model, subnet):
 def test_a_classical_step_changes_the_chosen_weights_and_no_other_choice():
     torch.manual_seed(0)
     model = Supernet(CPU, sharing="classical")
-    trained = Subnet(64, [2.0, 3.0, 4.0, 2.0], [2, 3, 4, 2])
-    other_choices = Subnet(64, [4.0, 3.0, 2.0, 2.0], [4, 3, 2, 2])  # layer 0: other choices, layer 1: the same
-    other_width = Subnet(96, [2.0, 3.0, 4.0, 2.0], [2, 3, 4, 2])  # the same heads and ratios at another E
+    trained = Subnet(64, [1.0, 2.0, 4.0, 1.0], [1, 2, 4, 1])
+    other_choices = Subnet(64, [4.0, 2.0, 1.0, 1.0], [4, 2, 1, 1])  # layer 0: other choices, layer 1: the same
+    other_width = Subnet(96, [1.0, 2.0, 4.0, 1.0], [1, 2, 4, 1])  # the same heads and ratios at another E
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
     model(torch.randn(4, 3, 32, 32), trained).square().sum().backward()
@@ -112,8 +112,8 @@ def test_parameter_counts_of_both_sharings():
     mlp = lambda E, hidden: 2 * E + (E * hidden + hidden) + (hidden * E + E)  # noqa: E731
     dims, depth = (64, 96, 128), 6
     classical = sum(embed(E) for E in dims) + depth * (
-        sum(attention(E, h * D) for E in dims for h in (2, 3, 4))
-        + sum(mlp(E, int(E * r)) for E in dims for r in (2.0, 3.0, 4.0)))
+        sum(attention(E, h * D) for E in dims for h in (1, 2, 4))
+        + sum(mlp(E, int(E * r)) for E in dims for r in (1.0, 2.0, 4.0)))
     entangled = embed(128) + depth * (attention(128, 4 * D) + mlp(128, 4 * 128))
     assert classical > entangled
     for sharing, expected in (("classical", classical), ("entangled", entangled)):
